@@ -1,0 +1,73 @@
+"""FLOPs per training token and parameter counts for HYDRA (DESIGN §4).
+
+Convention (torchtitan's, so figures compare): a weight costs 6 FLOPs per token
+that passes through it (forward + backward); the LM head counts, the embedding
+lookup does not; attention costs 12 * heads * head_dim * keys per query token,
+with no causal discount. Capacities are applied exactly as the model applies
+them (k = ceil(capacity * n) at each level), so the count is what the step
+executes, not an idealisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import FlopCount, ParamReport
+from .args import HydraModelArgs
+from .routing import static_capacity
+
+
+def block_weight_params(args: HydraModelArgs) -> int:
+    """Weights a token multiplies through in one CCGQABlock application (norm gains excluded)."""
+    q_dim, kv_dim, hd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.head_dim
+    qkv = args.dim * (q_dim + 2 * kv_dim)
+    seq_convs = (q_dim + kv_dim) * args.conv_kernel_seq
+    head_convs = (args.n_heads + args.n_kv_heads) * args.conv_kernel_ch * hd * hd
+    wo = q_dim * args.dim
+    ffn = 3 * args.dim * args.ffn_hidden_dim
+    return qkv + seq_convs + head_convs + wo + ffn
+
+
+def _tokens_per_step(args: HydraModelArgs, layer_id: int, seq_len: int, dense: bool) -> tuple[int, list[int]]:
+    """(tokens entering the MoR block, tokens processed at each recursion step) for one sequence."""
+    hard_mod = args.is_mod_layer(layer_id) and args.mod_mode == "topk" and not dense
+    n_in = static_capacity(args.mod_capacity, seq_len) if hard_mod else seq_len
+    if dense or args.mor_mode == "gaussian":
+        return n_in, [n_in] * args.recursions
+    return n_in, [static_capacity(c, n_in) for c in args.mor_step_capacities]
+
+
+def _per_token(args: HydraModelArgs, seq_len: int, dense: bool) -> tuple[float, float]:
+    """(weight-params applied per token, attention FLOPs per token), averaged over the sequence."""
+    p_block = block_weight_params(args)
+    attn_per_query_key = 12 * args.n_heads * args.head_dim
+    params, attn = 0.0, 0.0
+    for layer_id in range(args.n_mor_blocks):
+        n_in, steps = _tokens_per_step(args, layer_id, seq_len, dense)
+        if args.is_mod_layer(layer_id):
+            params += args.dim                          # MoD router on every token
+        n_routers = 1 if args.mor_mode == "gaussian" else args.recursions
+        params += n_routers * args.dim * n_in / seq_len  # MoR routers score the block's input tokens
+        for n in steps:
+            params += p_block * n / seq_len
+            attn += attn_per_query_key * n * n / seq_len
+    params += args.dim * args.vocab_size               # LM head
+    return params, attn
+
+
+def hydra_flops_per_token(args: HydraModelArgs, seq_len: int) -> FlopCount:
+    p_exec, a_exec = _per_token(args, seq_len, dense=False)
+    p_dense, a_dense = _per_token(args, seq_len, dense=True)
+    return FlopCount(executed=6 * p_exec + a_exec, dense=6 * p_dense + a_dense)
+
+
+def hydra_param_report(args: HydraModelArgs, seq_len: int = 2048) -> ParamReport:
+    """Total and non-embedding counts from a meta-device model; active from the routing arithmetic."""
+    from .model import HydraModel
+
+    with torch.device("meta"):
+        model = HydraModel(args)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.tok_embeddings.weight.numel()
+    active, _ = _per_token(args, seq_len, dense=False)
+    return ParamReport(total=total, non_embedding=total - embedding, active=active)

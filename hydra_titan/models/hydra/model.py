@@ -1,0 +1,109 @@
+"""The HYDRA language model: embedding -> HydraLayers -> norm -> LM head.
+
+Each HydraLayer is one MoR block (shared weights applied up to `recursions`
+times), optionally wrapped by a MoD router, and is the unit that activation
+checkpointing, torch.compile and FSDP act on (DESIGN §5): the recursion loop
+lives inside it, so its weights are gathered once per forward.
+
+`forward` returns a mapping (DESIGN §3): `logits`, `aux_loss` (router losses
+already weighted by the model's coefficients), `ponder_loss`, and routing
+statistics as tensors, so nothing in the hot path syncs with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..common.norms import RMSNorm
+from ..common.rope import rope_cache
+from ..common.validation import check_token_ids
+from .args import HydraModelArgs
+from .mod import MoDRouter
+from .mor import MoRBlock
+
+INIT_STD = 0.02
+
+
+class HydraLayer(nn.Module):
+    def __init__(self, layer_id: int, args: HydraModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.mor = MoRBlock(args)
+        self.mod = (MoDRouter(args.dim, args.mod_capacity, args.mod_mode, args.eval_routing)
+                    if args.is_mod_layer(layer_id) else None)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                rope: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.mod is None:
+            delta, stats = self.mor(x, positions, rope)
+            stats["mod_frac"] = x.new_ones((), dtype=torch.float32)
+            stats["mod_aux"] = x.new_zeros((), dtype=torch.float32)
+            return x + delta, stats
+        return self.mod(x, positions, lambda xs, ps, valid: self.mor(xs, ps, rope, valid))
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        self.mor.init_weights(init_std, out_std)
+        if self.mod is not None:
+            self.mod.init_weights(init_std)
+
+
+class HydraModel(nn.Module):
+    def __init__(self, args: HydraModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): HydraLayer(i, args) for i in range(args.n_mor_blocks)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cache", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta),
+                             persistent=False)
+        self.mod_layer_ids = [i for i in range(args.n_mor_blocks) if args.is_mod_layer(i)]
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Initialise every parameter and buffer (models are built on the meta device)."""
+        device = buffer_device if buffer_device is not None else self.rope_cache.device
+        self.rope_cache = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
+        nn.init.normal_(self.tok_embeddings.weight)
+        # residual-branch outputs shrink with the effective depth (every recursion adds to the stream)
+        out_std = INIT_STD / math.sqrt(2 * self.args.effective_depth)
+        for layer in self.layers.values():
+            layer.init_weights(INIT_STD, out_std)
+        self.norm.reset_parameters()
+        final_std = self.args.dim ** -0.5
+        nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        check_token_ids(tokens, self.args.vocab_size, self.args.max_seq_len)
+        bsz, seq_len = tokens.shape
+        if positions is None:
+            positions = torch.arange(seq_len, device=tokens.device).expand(bsz, seq_len)
+
+        h = self.tok_embeddings(tokens)
+        per_layer: list[dict[str, torch.Tensor]] = []
+        for layer in self.layers.values():
+            h, stats = layer(h, positions, self.rope_cache)
+            per_layer.append(stats)
+        logits = self.output(self.norm(h))
+        return {"logits": logits, **self._combine_stats(per_layer)}
+
+    def _combine_stats(self, per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Average router losses over layers, weight them, and stack per-layer metrics."""
+        def stack(key: str) -> torch.Tensor:
+            return torch.stack([s[key] for s in per_layer])
+
+        mod_aux = stack("mod_aux")[self.mod_layer_ids].mean() if self.mod_layer_ids else stack("mod_aux").sum()
+        mor_aux, mor_z = stack("mor_aux").mean(), stack("mor_z").mean()
+        aux_loss = (self.args.mod_aux_weight_value * mod_aux + self.args.mor_aux_weight * mor_aux
+                    + self.args.mor_z_loss_weight * mor_z)
+        return {
+            "aux_loss": aux_loss,
+            "ponder_loss": stack("ponder").mean(),
+            "mod_aux_loss": mod_aux.detach(),
+            "mor_aux_loss": mor_aux.detach(),
+            "mod_selected_frac": stack("mod_frac").detach(),
+            "mor_depth_hist": stack("mor_depth_hist").detach(),
+        }

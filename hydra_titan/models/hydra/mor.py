@@ -1,0 +1,166 @@
+"""Mixture-of-Recursions block (Bae et al. 2025, arXiv 2507.10524).
+
+One set of shared weights (a CCGQABlock) applied up to R times. Expert-choice
+routing with hierarchical filtering: at step r only the tokens kept at step
+r-1 compete, and a per-step router (sigmoid·alpha) keeps the top
+k_r = ceil(cap_r·N) of them; capacities do not increase with r, so selected
+sets are nested and shapes are static. A kept token gets x + g·f(x + e_r),
+e_r being a learned recursion (depth) embedding; the others leave the loop.
+Only kept tokens are computed: routing saves real FLOPs (the original HYDRA
+ran every recursion on every token and masked the result).
+
+Losses and metrics of the same routers: a BCE loss teaching each step's logit
+to predict selection (so evaluation can route causally by threshold), an
+optional z-loss, a ponder loss (the routers' mean keep-probability: lowering it
+makes threshold routing stop earlier), and a histogram of per-token depth.
+The Gaussian mode is the dense alternative of the original design.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import HydraModelArgs
+from .ccgqa import CCGQABlock
+from .routing import gather_tokens, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return x if idx is None else gather_tokens(x, idx)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class MoRBlock(nn.Module):
+    def __init__(self, args: HydraModelArgs):
+        super().__init__()
+        self.recursions = args.recursions
+        self.capacities = args.mor_step_capacities
+        self.mode = args.mor_mode
+        self.eval_routing = args.eval_routing
+        self.alpha = args.mor_router_alpha
+        self.sigma = args.mor_gaussian_sigma
+        self.block = CCGQABlock(args)
+        self.routers = nn.ModuleList(nn.Linear(args.dim, 1, bias=False) for _ in range(args.recursions))
+        self.recursion_emb = nn.Parameter(torch.empty(args.recursions, args.dim))
+
+    def routing_mode(self) -> str:
+        if self.mode == "gaussian":
+            return "gaussian"
+        return "topk" if self.training else self.eval_routing
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Residual update of x [B, N, E] (output - x) and routing stats.
+
+        `valid` [B, N] marks real tokens when x is a right-padded selection
+        (threshold routing of an enclosing MoD router); padding is never kept.
+        """
+        if self.routing_mode() == "gaussian":
+            return self._gaussian(x, positions, rope_cache)
+        return self._expert_choice(x, positions, rope_cache, valid)
+
+    # ------------------------------------------------------------ hard routing
+    def _expert_choice(self, x, positions, rope_cache, valid):
+        bsz, n_tokens, _ = x.shape
+        h = x
+        active: torch.Tensor | None = None    # positions (into x) of the tokens still in the loop
+        active_valid = valid
+        depth = x.new_zeros((bsz, n_tokens), dtype=torch.float32)
+        aux, z, ponder = [], [], []
+        for step in range(self.recursions):
+            logits = self.routers[step](h).squeeze(-1).float()      # cheap: one dot product per token
+            act_logits = _take(logits, active)
+            sel, sel_valid, target = self._select_step(act_logits, active_valid, step, n_tokens)
+            if sel is None:       # everyone still active continues
+                idx, sel_valid = active, active_valid
+            else:
+                idx = sel if active is None else gather_tokens(active, sel)
+
+            gate = torch.sigmoid(_take(logits, idx)) * self.alpha
+            if sel_valid is not None:
+                gate = gate * sel_valid
+            block_in = _take(h, idx) + self.recursion_emb[step].to(h.dtype)
+            delta = self.block.residual_update(block_in, _take(positions, idx), rope_cache)
+            update = (gate.unsqueeze(-1) * delta).to(h.dtype)
+            ones = torch.ones_like(gate) if sel_valid is None else sel_valid.float()
+            if idx is None:
+                h, depth = h + update, depth + ones
+            else:
+                h = scatter_add_tokens(h, idx, update)
+                depth = scatter_add_tokens(depth, idx, ones)
+
+            if target is not None:
+                aux.append(F.binary_cross_entropy_with_logits(act_logits, target))
+            z.append(_masked_mean(act_logits.pow(2), active_valid))
+            ponder.append(_masked_mean(torch.sigmoid(act_logits), active_valid))
+            active, active_valid = idx, sel_valid
+
+        stats = {
+            "mor_aux": torch.stack(aux).mean() if aux else x.new_zeros((), dtype=torch.float32),
+            "mor_z": torch.stack(z).mean(),
+            "ponder": torch.stack(ponder).mean(),
+            "mor_depth_hist": self._depth_histogram(depth, valid),
+        }
+        return h - x, stats
+
+    def _select_step(self, act_logits, active_valid, step, n_tokens):
+        """Selection at `step`: k_r = ceil(cap_r * N) of the N tokens that entered the block."""
+        n_active = act_logits.shape[1]
+        if self.routing_mode() == "topk":
+            k = static_capacity(self.capacities[step], n_tokens)
+            if k >= n_active:
+                return None, None, torch.ones_like(act_logits)
+            sel = topk_indices(act_logits, k)
+            return sel, None, torch.zeros_like(act_logits).scatter(1, sel, 1.0)
+        # threshold (eval, causal): full-capacity steps keep every active token, as in training
+        if self.capacities[step] >= 1.0:
+            return None, None, None
+        keep = act_logits > 0
+        if active_valid is not None:
+            keep = keep & active_valid
+        sel, sel_valid = threshold_indices(keep)
+        return sel, sel_valid, None
+
+    def _depth_histogram(self, depth: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Fraction of (valid) tokens that ran 0..R recursions: [R + 1]."""
+        onehot = F.one_hot(depth.round().long(), self.recursions + 1).float()
+        if valid is None:
+            return onehot.mean(dim=(0, 1))
+        w = valid.float().unsqueeze(-1)
+        return (onehot * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
+
+    # ------------------------------------------------------------ dense alternative
+    def _gaussian(self, x, positions, rope_cache):
+        """Gaussian soft depth: every token runs all R recursions (no compute saved).
+
+        A depth mu in [1, R] is predicted per token (first router, sigmoid);
+        the output is the mix of the R recursion outputs weighted by a
+        Gaussian N(mu, sigma) over depths. Dense and differentiable; use it as
+        an ablation or for static graphs.
+        """
+        mu = 1.0 + torch.sigmoid(self.routers[0](x).squeeze(-1).float()) * (self.recursions - 1)
+        depths = torch.arange(1, self.recursions + 1, device=x.device, dtype=torch.float32)
+        weights = torch.softmax(-((depths - mu.unsqueeze(-1)) ** 2) / (2 * self.sigma ** 2), dim=-1)
+        h, mixed = x, torch.zeros_like(x)
+        for step in range(self.recursions):
+            h = h + self.block.residual_update(h + self.recursion_emb[step].to(h.dtype), positions, rope_cache)
+            mixed = mixed + weights[..., step: step + 1].to(x.dtype) * h
+        hist = torch.cat([weights.new_zeros(1), weights.mean(dim=(0, 1))])
+        zero = x.new_zeros((), dtype=torch.float32)
+        stats = {"mor_aux": zero, "mor_z": zero, "ponder": ((weights * depths).sum(-1).mean()) / self.recursions,
+                 "mor_depth_hist": hist}
+        return mixed - x, stats
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        self.block.init_weights(init_std, out_std)
+        for router in self.routers:
+            nn.init.trunc_normal_(router.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        nn.init.trunc_normal_(self.recursion_emb, std=init_std, a=-3 * init_std, b=3 * init_std)

@@ -1,0 +1,31 @@
+"""FLOPs per training token and parameter counts for the dense baseline (DESIGN §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import FlopCount, ParamReport
+from .args import LlamaModelArgs
+
+
+def layer_weight_params(args: LlamaModelArgs) -> int:
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return args.dim * (q_dim + 2 * kv_dim) + q_dim * args.dim + 3 * args.dim * args.ffn_hidden_dim
+
+
+def llama_flops_per_token(args: LlamaModelArgs, seq_len: int) -> FlopCount:
+    params = args.n_layers * layer_weight_params(args) + args.dim * args.vocab_size
+    attn = args.n_layers * 12 * args.n_heads * args.head_dim * seq_len
+    flops = 6 * params + attn
+    return FlopCount(executed=flops, dense=flops)
+
+
+def llama_param_report(args: LlamaModelArgs, seq_len: int = 2048) -> ParamReport:
+    from .model import LlamaModel
+
+    with torch.device("meta"):
+        model = LlamaModel(args)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.tok_embeddings.weight.numel()
+    active = args.n_layers * layer_weight_params(args) + args.dim * args.vocab_size
+    return ParamReport(total=total, non_embedding=total - embedding, active=active)

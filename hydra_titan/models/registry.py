@@ -1,0 +1,88 @@
+"""Model specs, registered by name (torchtitan's TrainSpec idea, model half).
+
+A ModelSpec tells the rest of the stack everything it needs about a model
+family without an if-chain on its name: how to build it from one of its
+flavors, how many FLOPs a training token costs, how to count its parameters,
+and which options the shared parallelize function should use for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs per token (forward + backward)."""
+
+    executed: float  # what the step runs, with routing capacities applied
+    dense: float     # the same model with every capacity at 1 (MFU's "dense-equivalent")
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    total: int
+    non_embedding: int  # total minus the input embedding table
+    active: float       # parameters applied per token (each recursion counted, capacities applied, LM head in)
+
+
+@dataclass(frozen=True)
+class ParallelizeOptions:
+    """Per-model knobs for the shared parallelize function (DESIGN §1, §5)."""
+
+    # fully-qualified-name fragments of linears that float8 must leave alone
+    float8_skip_fqns: tuple[str, ...] = ("output",)
+    # extra ops for selective activation checkpointing to save (besides matmuls and attention)
+    ac_extra_save_ops: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_cls: type[nn.Module]
+    args_cls: type
+    flavors: dict[str, Any]
+    flops_per_token: Callable[[Any, int], FlopCount]
+    param_report: Callable[[Any], ParamReport]
+    parallelize_options: ParallelizeOptions = field(default_factory=ParallelizeOptions)
+    # None: the shared `hydra_titan.distributed.parallelize` (every model keeps the decoder contract)
+    parallelize_fn: Callable[..., nn.Module] | None = None
+
+    def args(self, flavor: str, **overrides: Any) -> Any:
+        """The flavor's args with overrides applied (unknown flavor or field -> ValueError)."""
+        if flavor not in self.flavors:
+            raise ValueError(f"unknown flavor {flavor!r} for model {self.name!r}; known: {list(self.flavors)}")
+        base = self.flavors[flavor]
+        return base.replace(**overrides) if overrides else base
+
+    def build(self, flavor: str, **overrides: Any) -> nn.Module:
+        return self.model_cls(self.args(flavor, **overrides))
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model_spec(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model spec {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    # importing the package registers the built-in families
+    from . import hydra, llama  # noqa: F401
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def registered_models() -> list[str]:
+    from . import hydra, llama  # noqa: F401
+
+    return sorted(_REGISTRY)
