@@ -173,6 +173,10 @@ class Parallelism:
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = opt(
         "default", "free gathered parameters after forward"
     )
+    init_mode: Literal["full", "sharded"] = opt(
+        "full", "full: initialise an unsharded copy then shard it (identical weights in every layout, "
+        "transient full-model memory); sharded: initialise shards in place (no extra memory)"
+    )
 
 
 @dataclass
