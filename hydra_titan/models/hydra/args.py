@@ -156,8 +156,8 @@ def _flavor(dim: int, n_mor_blocks: int, recursions: int, n_heads: int, n_kv_hea
 # multiple of 128; the trainer resizes to the tokenizer it runs with. Heads are latent heads:
 # q compression C1 = dim / (n_heads * head_dim), kv compression C2 = dim / (n_kv_heads * head_dim).
 HYDRA_FLAVORS: dict[str, HydraModelArgs] = {
-    # kjv_bpe_4k's 4,098 ids padded to a multiple of 128
-    "debug": _flavor(512, 2, 2, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=4224),
+    # the vocabulary of kjv_bpe_4k, the built-in tokenizer for CPU runs
+    "debug": _flavor(512, 2, 2, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=4096),
     "100M": _flavor(768, 8, 4, n_heads=6, n_kv_heads=2, head_dim=64),
     "250M": _flavor(1024, 12, 4, n_heads=4, n_kv_heads=2, head_dim=64),
     "500M": _flavor(1536, 16, 4, n_heads=6, n_kv_heads=2, head_dim=64),

@@ -1,0 +1,269 @@
+"""The trainer: build -> parallelize -> train loop (`python -m hydra_titan.train --config ...`).
+
+One code path for every launch: a plain `python` run forms a one-rank process
+group, so FSDP2 (with its mixed-precision policy) wraps the model whether it
+runs on one CPU, one GPU or many nodes under torchrun.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .components.dataloader import build_dataloader
+from .components.loss import build_loss_fn, count_target_tokens
+from .components.lr_scheduler import build_lr_scheduler
+from .components.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, routing_scalars
+from .components.optimizer import build_optimizer
+from .components.tokenizer import Tokenizer, build_tokenizer
+from .config import ConfigError, JobConfig, parse_or_exit, save_config
+from .distributed import (ParallelDims, all_reduce, clip_grad_norm_, init_distributed, parallelize_decoder,
+                          resolve_device_type, shutdown_and_exit)
+from .distributed.compile import eager_eval
+from .distributed.float8 import precompute_float8_scales
+from .distributed.init import init_model_weights
+from .models import ModelSpec, get_model_spec
+
+logger = logging.getLogger("hydra_titan")
+
+VOCAB_MULTIPLE = 128  # pad the embedding/head to a GEMM-friendly size; extra rows never see a target
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+def resolve_model_args(spec: ModelSpec, cfg: JobConfig, tokenizer: Tokenizer) -> Any:
+    """The flavor's args with the config's overrides, sized to the tokenizer and sequence length."""
+    overrides = dict(cfg.model.overrides)
+    vocab = overrides.get("vocab_size")
+    if vocab is None:
+        overrides["vocab_size"] = VOCAB_MULTIPLE * math.ceil(tokenizer.n_words / VOCAB_MULTIPLE)
+    elif vocab < tokenizer.n_words:
+        raise ConfigError(f"model.overrides.vocab_size ({vocab}) is smaller than the vocabulary of tokenizer "
+                          f"{cfg.tokenizer.name!r} ({tokenizer.n_words} ids)")
+    try:
+        args = spec.args(cfg.model.flavor, **overrides)
+        if args.max_seq_len < cfg.training.seq_len:
+            args = args.replace(max_seq_len=cfg.training.seq_len)
+    except ValueError as e:
+        raise ConfigError(f"model ({cfg.model.name}, flavor {cfg.model.flavor}): {e}") from e
+    return args
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        device_type = resolve_device_type(cfg.training.device)
+        self.dist = init_distributed(device_type)
+        self.device = self.dist.device
+        self.is_rank0 = self.dist.rank == 0
+        self.dump_folder = Path(cfg.job.dump_folder)
+        self.parallel_dims = ParallelDims.resolve(cfg.parallelism.dp_replicate, cfg.parallelism.dp_shard,
+                                                  self.dist.world_size)
+        mesh = self.parallel_dims.build_mesh(device_type)
+        if cfg.job.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.job.seed)  # same on every rank: identical initial weights
+
+        self.tokenizer = build_tokenizer(cfg.tokenizer.name)
+        self.spec = get_model_spec(cfg.model.name)
+        self.model_args = resolve_model_args(self.spec, cfg, self.tokenizer)
+        with torch.device("meta"):
+            model = self.spec.model_cls(self.model_args)
+        params = self.spec.param_report(self.model_args, cfg.training.seq_len)
+        self.flops = self.spec.flops_per_token(self.model_args, cfg.training.seq_len)
+        logger.info("model %s/%s: %.1fM params (%.1fM non-embedding, %.1fM active/token), "
+                    "%.3f GFLOP/token executed (%.3f dense-equivalent)", cfg.model.name, cfg.model.flavor,
+                    params.total / 1e6, params.non_embedding / 1e6, params.active / 1e6,
+                    self.flops.executed / 1e9, self.flops.dense / 1e9)
+
+        parallelize = self.spec.parallelize_fn or parallelize_decoder
+        self.model = parallelize(model, parallel_dims=self.parallel_dims, mesh=mesh, cfg=cfg,
+                                 options=self.spec.parallelize_options)
+        self.model.to_empty(device=self.device)
+        init_model_weights(self.model, build_unsharded=lambda: self.spec.model_cls(self.model_args),
+                           device=self.device, mode=cfg.parallelism.init_mode, seed=cfg.job.seed)
+        self.model.train()
+
+        o = cfg.optimizer
+        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, beta1=o.beta1, beta2=o.beta2,
+                                         eps=o.eps, weight_decay=o.weight_decay, fused=o.fused)
+        s = cfg.lr_scheduler
+        warmup = min(s.warmup_steps, cfg.training.steps)
+        if warmup < s.warmup_steps:  # a short smoke run of a long config: warm up over the whole run
+            logger.warning("lr_scheduler.warmup_steps (%d) > training.steps (%d): warming up for %d steps",
+                           s.warmup_steps, cfg.training.steps, warmup)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, warmup_steps=warmup,
+                                               decay_type=s.decay_type, decay_ratio=s.decay_ratio,
+                                               min_lr_factor=s.min_lr_factor, total_steps=cfg.training.steps)
+        t = cfg.training
+        self.loss_fn = build_loss_fn(chunked=t.chunked_ce, chunk_size=t.ce_chunk_size, z_loss_weight=t.z_loss_weight,
+                                     aux_loss_weight=t.aux_loss_weight, ponder_loss_weight=t.ponder_loss_weight)
+        self.train_loader = self._build_loader("train")
+        self.val_loader = (self._build_loader("val")
+                           if cfg.validation.enable and cfg.data.val_fraction > 0 else None)
+
+        self.state = TrainState()
+        self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
+                                     tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder)
+        if self.is_rank0:
+            save_config(cfg, self.dump_folder / "config.toml")
+        self._stop_signal: int | None = None
+
+    def _build_loader(self, split: str):
+        d = self.cfg.data
+        return build_dataloader(source=d.source, path=d.path, tokenizer=self.tokenizer,
+                                seq_len=self.cfg.training.seq_len, local_batch_size=self.cfg.training.local_batch_size,
+                                dp_rank=self.dist.rank, dp_world_size=self.parallel_dims.dp_world_size, split=split,
+                                val_fraction=d.val_fraction, seed=self.cfg.job.seed, text_field=d.text_field,
+                                hf_name=d.hf_name, hf_split=d.hf_split)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Forward/backward over the micro-batches, clip, step. Returns device tensors (no host sync)."""
+        labels_all = [labels.to(self.device, non_blocking=True) for _, labels in micro_batches]
+        global_tokens = all_reduce(sum(count_target_tokens(lab) for lab in labels_all))
+        # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it
+        dp_scale = float(self.parallel_dims.dp_world_size)
+        parts_sum: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        for (inputs, _), labels in zip(micro_batches, labels_all):
+            outputs = self.model(inputs.to(self.device, non_blocking=True))
+            loss, parts = self.loss_fn(outputs, labels, global_tokens)
+            (loss * dp_scale).backward()
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0) + value
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.float8.enable and self.cfg.float8.enable_fsdp_float8_all_gather:
+            precompute_float8_scales(self.model)
+        return {"parts": parts_sum, "grad_norm": grad_norm, "outputs": outputs}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean validation cross-entropy with evaluation-time (causal) routing."""
+        self.model.eval()
+        ce_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device, dtype=torch.int64)
+        with eager_eval():
+            for i, (inputs, labels) in enumerate(self.val_loader):
+                if i >= self.cfg.validation.steps:
+                    break
+                labels = labels.to(self.device)
+                out = self.model(inputs.to(self.device))
+                _, parts = self.loss_fn(out, labels, 1)
+                ce_sum += parts["ce"]
+                count += count_target_tokens(labels)
+        self.model.train()
+        ce_sum, count = all_reduce(ce_sum), all_reduce(count)
+        return (ce_sum / count.clamp_min(1)).item()
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, _frame) -> None:
+        logger.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        self._stop_signal = signum
+
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.training
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        data_iter = iter(self.train_loader)
+        throughput = Throughput(self.flops.executed, peak_flops(self.device))
+        tokens_per_step = t.local_batch_size * t.seq_len * t.gradient_accumulation_steps
+        gc.disable()
+        logger.info("training %s/%s from step %d to %d on %d rank(s), %s", cfg.model.name, cfg.model.flavor,
+                    self.state.step, t.steps, self.dist.world_size, self.device)
+        while self.state.step < t.steps and self._stop_signal is None:
+            self.state.step += 1
+            step = self.state.step
+            batches = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
+            result = self.train_step(batches)
+            self.state.tokens_seen += tokens_per_step * self.parallel_dims.dp_world_size
+            throughput.add_tokens(tokens_per_step)
+            if step % t.gc_freq == 0:
+                gc.collect(1)
+            if step % cfg.metrics.log_freq == 0 or step == 1 or step == t.steps:
+                self._log_step(step, result, throughput)
+            if self.val_loader is not None and (step % cfg.validation.freq == 0 or step == t.steps):
+                val_loss = self.validate()
+                logger.info("step %d  validation loss %.4f", step, val_loss)
+                self.metrics.log(step, {"validation/loss": val_loss})
+        if self._stop_signal is not None:
+            logger.warning("stopped by signal at step %d", self.state.step)
+        self.metrics.close()
+        gc.enable()
+        return 0
+
+    def _log_step(self, step: int, result: dict, throughput: Throughput) -> None:
+        parts = {k: all_reduce(v).item() for k, v in result["parts"].items()}
+        loss = parts["ce"] + self.cfg.training.aux_loss_weight * parts.get("aux", 0.0) \
+            + self.cfg.training.ponder_loss_weight * parts.get("ponder", 0.0) \
+            + self.cfg.training.z_loss_weight * parts.get("z", 0.0)
+        speed = throughput.read()
+        scalars = {"loss/total": loss, **{f"loss/{k}": v for k, v in parts.items()},
+                   "grad_norm": result["grad_norm"].item(), "lr": self.lr_scheduler.get_last_lr()[0],
+                   "throughput/tokens_per_sec_per_device": speed["tokens_per_sec"],
+                   "throughput/tflops_per_device": speed["tflops"],
+                   "memory/peak_gib": peak_memory_gib(self.device)}
+        if "mfu" in speed:
+            scalars["throughput/mfu_pct"] = speed["mfu"]
+        if step % self.cfg.metrics.routing_stats_freq == 0 or step == 1:
+            scalars.update(routing_scalars(result["outputs"]))
+        self.metrics.log(step, scalars)
+        mfu = f"  mfu {speed['mfu']:.1f}%" if "mfu" in speed else ""
+        logger.info("step %5d  loss %.4f (ce %.4f aux %.4g ponder %.4g)  grad_norm %.3f  lr %.3e  "
+                    "tok/s/dev %.0f%s  mem %.2f GiB", step, loss, parts["ce"], parts.get("aux", 0.0),
+                    parts.get("ponder", 0.0), scalars["grad_norm"], scalars["lr"], speed["tokens_per_sec"], mfu,
+                    scalars["memory/peak_gib"])
+
+
+def init_logging(rank: int) -> None:
+    log_rank = int(os.environ.get("LOG_RANK", "0"))
+    level = logging.INFO if rank == log_rank else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    init_logging(int(os.environ.get("RANK", "0")))
+    cfg = parse_or_exit(argv)
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        logger.error("start-up failed: %s", e)
+        shutdown_and_exit(2)
+        return
+    logger.info("resolved config saved to %s", Path(cfg.job.dump_folder) / "config.toml")
+    start = time.perf_counter()
+    try:
+        code = trainer.train()
+    except Exception:
+        logger.exception("training failed")
+        code = 1
+    logger.info("done in %.1f s", time.perf_counter() - start)
+    shutdown_and_exit(code)
+
+
+if __name__ == "__main__":
+    main()
