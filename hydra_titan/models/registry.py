@@ -56,7 +56,7 @@ class ModelSpec:
         if flavor not in self.flavors:
             raise ValueError(f"unknown flavor {flavor!r} for model {self.name!r}; known: {list(self.flavors)}")
         base = self.flavors[flavor]
-        return base.replace(**overrides) if overrides else base
+        return base.replace(**overrides)  # always a copy: the flavor table is never mutated
 
     def build(self, flavor: str, **overrides: Any) -> nn.Module:
         return self.model_cls(self.args(flavor, **overrides))
