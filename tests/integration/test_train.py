@@ -1,0 +1,123 @@
+"""The trainer end to end on CPU: start-up errors, outputs, loss, signals, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# a tiny HYDRA so each run takes seconds on 2 cores
+TINY = ["--config", "train_configs/debug.toml", "--training.seq_len", "64", "--training.local_batch_size", "4",
+        "--model.overrides.dim", "128", "--model.overrides.n_heads", "2", "--model.overrides.head_dim", "32",
+        "--metrics.log_freq", "1", "--validation.freq", "5", "--validation.steps", "2"]
+
+
+def run_train(args: list[str], dump: Path, *, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(launcher + TINY + args + ["--job.dump_folder", str(dump)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(dump: Path) -> list[dict]:
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--training.stepz", "3"], "training.stepz"),
+    (["--training.steps", "three"], "training.steps"),
+    (["--optimizer.name", "sgd"], "optimizer.name"),
+    (["--config", "does/not/exist.toml"], "does/not/exist.toml"),
+])
+def test_bad_config_exits_2_naming_the_key(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, "train.py", *args, "--job.dump_folder", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model.overrides.mod_capactiy", "0.5"], "mod_capactiy"),
+    (["--model.overrides.vocab_size", "100"], "vocab_size"),
+    (["--model.flavor", "2B"], "2B"),
+    (["--data.source", "text", "--data.path", "/nonexistent/*.txt"], "/nonexistent"),
+    (["--tokenizer.name", "/nonexistent/tok.tiktoken"], "/nonexistent/tok.tiktoken"),
+])
+def test_bad_model_or_data_settings_fail_at_start_up(tmp_path, args, needle):
+    proc = run_train(["--training.steps", "2", *args], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert needle in proc.stdout + proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_short_run_writes_metrics_tensorboard_and_config(tmp_path):
+    proc = run_train(["--training.steps", "5"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = read_metrics(tmp_path)
+    steps = [r["step"] for r in rows if "loss/ce" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    first = rows[0]
+    for key in ("loss/total", "loss/ce", "grad_norm", "lr", "throughput/tokens_per_sec_per_device",
+                "memory/peak_gib", "routing/mod_selected_frac/block_0", "routing/mor_mean_depth/block_1"):
+        assert key in first, key
+    # training top-k keeps ceil(0.75 * 64) = 48 of 64 tokens in every routed block
+    assert first["routing/mod_selected_frac/block_0"] == pytest.approx(48 / 64)
+    assert any("validation/loss" in r for r in rows)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    # the resolved config reloads to the same run
+    from hydra_titan.config import load_config
+    cfg = load_config(["--config", str(tmp_path / "config.toml")])
+    assert cfg.training.seq_len == 64 and cfg.model.overrides["dim"] == 128
+
+
+def test_loss_falls_on_the_builtin_corpus(tmp_path):
+    proc = run_train(["--training.steps", "60", "--training.local_batch_size", "8", "--lr_scheduler.warmup_steps", "5",
+                      "--validation.enable", "false"],
+                     tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    losses = [r["loss/ce"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0]
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
+    """2 micro-batches of 2 sequences == 1 batch of 4 (same windows, loss over global tokens)."""
+    a = run_train(["--training.steps", "3", "--validation.enable", "false"], tmp_path / "a")
+    b = run_train(["--training.steps", "3", "--validation.enable", "false", "--training.local_batch_size", "2",
+                   "--training.gradient_accumulation_steps", "2", "--training.mixed_precision_param", "float32"],
+                  tmp_path / "b")
+    assert a.returncode == 0 and b.returncode == 0, b.stdout[-3000:]
+    la = [r["loss/ce"] for r in read_metrics(tmp_path / "a")]
+    lb = [r["loss/ce"] for r in read_metrics(tmp_path / "b")]
+    assert la[0] == pytest.approx(lb[0], abs=1e-5)
+
+
+def test_sigterm_stops_cleanly_between_steps(tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--training.steps", "10000", "--job.dump_folder",
+                             str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by signal" in out
+    assert len(read_metrics(tmp_path)) < 10000
+
+
+def test_torchrun_two_cpu_ranks_runs_to_the_end(tmp_path):
+    proc = subprocess.run(["./run_train.sh", *TINY[2:], "--training.steps", "6", "--job.dump_folder", str(tmp_path)],
+                          cwd=REPO, env={**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 rank(s)" in proc.stdout
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss/ce" in r][-1] == 6
