@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Training throughput benchmark on synthetic tokens: one table, one JSON file.
+
+Each case builds the model exactly as the trainer does (same parallelize path:
+float8 -> AC -> compile -> FSDP2) and times full training steps (forward,
+backward, clipping, AdamW) on random tokens after a warm-up. Reported per
+device: tokens/s, step time, MFU on executed FLOPs and on dense-equivalent
+FLOPs (DESIGN §4), TFLOP/s, peak memory. The bf16 GEMM peak is measured once
+(8192^3) and printed beside the spec value.
+
+    python scripts/benchmark.py --cases hydra:1B llama:1B --seq-len 2048 --batch 4 --ac selective
+    python scripts/benchmark.py --cases hydra:1B --float8 none tensorwise rowwise
+    torchrun --nproc_per_node=2 scripts/benchmark.py --cases hydra:1B      # FSDP over 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hydra_titan.components.metrics import peak_flops  # noqa: E402
+from hydra_titan.config import load_config  # noqa: E402
+from hydra_titan.distributed.utils import init_distributed, resolve_device_type  # noqa: E402
+from hydra_titan.train import Trainer  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+
+def measure_gemm_peak(device: torch.device, n: int = 8192, iters: int = 20) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def case_argv(model: str, flavor: str, opts, *, compile_: bool, ac: str, float8: str) -> list[str]:
+    argv = ["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(opts.seq_len),
+            "--training.local_batch_size", str(opts.batch), "--training.steps", str(opts.warmup + opts.steps),
+            "--training.mixed_precision_param", opts.dtype, "--activation_checkpoint.mode", ac,
+            "--compile.enable", str(compile_).lower(), "--validation.enable", "false",
+            "--metrics.enable_tensorboard", "false", "--job.dump_folder", opts.dump_folder,
+            "--lr_scheduler.warmup_steps", "10", "--data.val_fraction", "0",
+            # the flavor's real vocabulary (the built-in tokenizer only feeds the loader)
+            "--model.overrides.vocab_size", str(opts.vocab_size)]
+    if float8 != "none":
+        argv += ["--float8.enable", "true", "--float8.recipe", float8]
+        if float8 == "tensorwise" and opts.fsdp_float8_all_gather:
+            argv += ["--float8.enable_fsdp_float8_all_gather", "true"]
+    return argv + opts.extra
+
+
+def run_case(argv: list[str], opts, device: torch.device) -> dict:
+    cfg = load_config(argv)
+    trainer = Trainer(cfg)
+    vocab = trainer.model_args.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (opts.batch, opts.seq_len + 1), generator=gen) for _ in range(4)]
+    times, losses = [], []
+    for i in range(opts.warmup + opts.steps):
+        if i == opts.warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tokens = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = trainer.train_step([(tokens[:, :-1], tokens[:, 1:])])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if i % 10 == 0 or i == opts.warmup + opts.steps - 1:
+            losses.append(result["parts"]["ce"].item())
+    step_s = sorted(times[opts.warmup:])[len(times[opts.warmup:]) // 2]  # median: robust to stragglers
+    tps = opts.batch * opts.seq_len / step_s
+    peak = peak_flops(device)
+    row = {"tokens_per_sec_per_device": tps, "step_ms": 1e3 * step_s,
+           "tflops_exec": tps * trainer.flops.executed / 1e12, "tflops_dense": tps * trainer.flops.dense / 1e12,
+           "mfu_exec_pct": 100 * tps * trainer.flops.executed / peak if peak else float("nan"),
+           "mfu_dense_pct": 100 * tps * trainer.flops.dense / peak if peak else float("nan"),
+           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+           "first_loss": losses[0], "last_loss": losses[-1],
+           "finite": all(math.isfinite(x) for x in losses), "steps": opts.warmup + opts.steps}
+    trainer.metrics.close()
+    del trainer
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["hydra:1B", "llama:1B"], help="model:flavor ...")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4, help="local batch per device")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps (compile happens here)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--compile", nargs="+", default=["on"], choices=["on", "off"])
+    parser.add_argument("--ac", nargs="+", default=["selective"], choices=["none", "full", "selective"])
+    parser.add_argument("--float8", nargs="+", default=["none"], choices=["none", "tensorwise", "rowwise"])
+    parser.add_argument("--fsdp-float8-all-gather", action="store_true")
+    parser.add_argument("--vocab-size", type=int, default=100_352)
+    parser.add_argument("--json", default="benchmark.json", help="where to write the results")
+    parser.add_argument("--dump-folder", default="/tmp/hydra_titan_benchmark")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then trainer overrides for every case")
+    opts = parser.parse_args()
+    opts.extra = [a for a in opts.extra if a != "--"]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    device = init_distributed(resolve_device_type("auto")).device
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gemm = measure_gemm_peak(device)
+    spec_peak = peak_flops(device)
+    header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "world_size": world, "seq_len": opts.seq_len, "local_batch": opts.batch,
+              "measured_bf16_gemm_tflops": gemm / 1e12 if gemm else None,
+              "spec_bf16_tflops": spec_peak / 1e12 if spec_peak else None}
+    if rank0:
+        print(json.dumps(header), flush=True)
+
+    rows = []
+    for case, compile_, ac, float8 in itertools.product(opts.cases, opts.compile, opts.ac, opts.float8):
+        model, flavor = case.split(":")
+        argv = case_argv(model, flavor, opts, compile_=compile_ == "on", ac=ac, float8=float8)
+        label = {"model": model, "flavor": flavor, "compile": compile_, "ac": ac, "float8": float8}
+        try:
+            row = {**label, **run_case(argv, opts, device)}
+        except Exception as e:  # keep going: one failing case must not hide the others
+            logger.exception("case %s failed", label)
+            row = {**label, "error": f"{type(e).__name__}: {e}"}
+        rows.append(row)
+        if rank0:
+            print(json.dumps(row), flush=True)
+
+    if rank0:
+        cols = ["model", "flavor", "compile", "ac", "float8", "tokens_per_sec_per_device", "step_ms",
+                "mfu_exec_pct", "mfu_dense_pct", "tflops_exec", "peak_mem_gib", "first_loss", "last_loss"]
+        print(f"\n{header['device']}, torch {header['torch']}, {world} rank(s), seq {opts.seq_len}, "
+              f"local batch {opts.batch}; bf16 GEMM measured {header['measured_bf16_gemm_tflops'] or 0:.0f} "
+              f"TFLOP/s, spec {header['spec_bf16_tflops'] or 0:.0f}")
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
+        for row in rows:
+            cells = [row.get(c, row.get("error", "")) for c in cols]
+            print("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        Path(opts.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
