@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .components.checkpoint import CheckpointManager
 from .components.dataloader import build_dataloader
 from .components.loss import build_loss_fn, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler
@@ -123,6 +124,10 @@ class Trainer:
                            if cfg.validation.enable and cfg.data.val_fraction > 0 else None)
 
         self.state = TrainState()
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, folder=self.dump_folder / cfg.checkpoint.folder, model=self.model,
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, dataloader=self.train_loader,
+            train_state=self.state, model_args=self.model_args, model_name=cfg.model.name)
         self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
                                      tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder)
         if self.is_rank0:
@@ -184,17 +189,26 @@ class Trainer:
         logger.warning("received %s: stopping after the current step", signal.Signals(signum).name)
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGINT, so all ranks stop at the same step.
+
+        The flag is reduced over the CPU (gloo) group: no device sync in the step loop.
+        """
+        flag = torch.tensor([0 if self._stop_signal is None else 1], dtype=torch.int32)
+        return bool(all_reduce(flag, "max", group=self.dist.cpu_group).item())
+
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.training
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        self.checkpointer.load()
         data_iter = iter(self.train_loader)
         throughput = Throughput(self.flops.executed, peak_flops(self.device))
         tokens_per_step = t.local_batch_size * t.seq_len * t.gradient_accumulation_steps
         gc.disable()
         logger.info("training %s/%s from step %d to %d on %d rank(s), %s", cfg.model.name, cfg.model.flavor,
                     self.state.step, t.steps, self.dist.world_size, self.device)
-        while self.state.step < t.steps and self._stop_signal is None:
+        while self.state.step < t.steps and not self._stop_requested():
             self.state.step += 1
             step = self.state.step
             batches = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
@@ -209,8 +223,11 @@ class Trainer:
                 val_loss = self.validate()
                 logger.info("step %d  validation loss %.4f", step, val_loss)
                 self.metrics.log(step, {"validation/loss": val_loss})
-        if self._stop_signal is not None:
+            self.checkpointer.maybe_save(step, last_step=step == t.steps)
+        if self.state.step < t.steps:  # stopped by a signal: save where we are, then leave cleanly
+            self.checkpointer.save(self.state.step, reason="signal")
             logger.warning("stopped by signal at step %d", self.state.step)
+        self.checkpointer.close()
         self.metrics.close()
         gc.enable()
         return 0

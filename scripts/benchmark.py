@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra_titan.components.metrics import peak_flops  # noqa: E402
 from hydra_titan.config import load_config  # noqa: E402
-from hydra_titan.distributed.utils import init_distributed, resolve_device_type  # noqa: E402
+from hydra_titan.distributed.utils import all_reduce, init_distributed, resolve_device_type  # noqa: E402
 from hydra_titan.train import Trainer  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -88,7 +88,7 @@ def run_case(argv: list[str], opts, device: torch.device) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         if i % 10 == 0 or i == opts.warmup + opts.steps - 1:
-            losses.append(result["parts"]["ce"].item())
+            losses.append(all_reduce(result["parts"]["ce"]).item())  # each rank holds its share of the mean
     step_s = sorted(times[opts.warmup:])[len(times[opts.warmup:]) // 2]  # median: robust to stragglers
     tps = opts.batch * opts.seq_len / step_s
     peak = peak_flops(device)

@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    cpu_group: Any = None  # a gloo group for small host-side reductions (stop flags); None = the default group
 
 
 def resolve_device_type(requested: str) -> str:
@@ -55,7 +57,9 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
         if device_type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
-    return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device,
+                    cpu_group=cpu_group)
 
 
 def shutdown_and_exit(code: int) -> None:
@@ -90,11 +94,11 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torc
     return total
 
 
-def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
     """Out-of-place all-reduce over the world (sum | max | avg), for logging and token counts."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
     out = tensor.detach().clone()
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}[op]
-    dist.all_reduce(out, op=reduce_op)
+    dist.all_reduce(out, op=reduce_op, group=group)
     return out / dist.get_world_size() if op == "avg" else out
