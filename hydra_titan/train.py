@@ -109,8 +109,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, beta1=o.beta1, beta2=o.beta2,
                                          eps=o.eps, weight_decay=o.weight_decay, fused=o.fused)
         s = cfg.lr_scheduler
-        warmup = min(s.warmup_steps, cfg.training.steps)
-        if warmup < s.warmup_steps:  # a short smoke run of a long config: warm up over the whole run
+        # a short smoke run of a long config: warm up over what the decay phase leaves free
+        decay_steps = round(s.decay_ratio * cfg.training.steps) if s.decay_type == "wsd" else 0
+        warmup = min(s.warmup_steps, cfg.training.steps - decay_steps)
+        if warmup < s.warmup_steps:
             logger.warning("lr_scheduler.warmup_steps (%d) > training.steps (%d): warming up for %d steps",
                            s.warmup_steps, cfg.training.steps, warmup)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, warmup_steps=warmup,

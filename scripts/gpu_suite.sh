@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|ckpt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -28,5 +28,32 @@ fsdp2)
         --ac selective --json "$OUT/bench_fsdp2.json" 2>&1 | grep -v Warning | tail -30 | tee "$OUT/bench_fsdp2.txt"
     python3 scripts/benchmark.py --cases hydra:1B --steps 40 --warmup 10 --ac selective \
         --json "$OUT/bench_1gpu_same_host.json" 2>&1 | grep -v Warning | tail -12 | tee "$OUT/bench_1gpu.txt" ;;
-*) echo "usage: $0 tests|bench-<flavor>|fsdp2" >&2; exit 2 ;;
+profile)
+    # where the time goes (per category), and what routing costs: same model without MoD / with dense recursions
+    for case in hydra:1B llama:1B; do
+        python3 scripts/profile_step.py --case $case --json "$OUT/profile_${case/:/_}.json" 2>&1 \
+            | grep -v -i warn | tail -40 | tee -a "$OUT/profile.txt"
+    done
+    python3 scripts/benchmark.py --cases hydra:1B --steps 20 --warmup 8 --json "$OUT/ablate_nomod.json" \
+        -- --model.overrides.mod_every 0 2>&1 | grep "^| hydra" | sed 's/^/no MoD: /' | tee -a "$OUT/ablation.txt"
+    python3 scripts/benchmark.py --cases hydra:1B --steps 20 --warmup 8 --json "$OUT/ablate_dense.json" \
+        -- --model.overrides.mod_capacity 1.0 --model.overrides.mor_capacities '[1.0,1.0,1.0,1.0]' 2>&1 \
+        | grep "^| hydra" | sed 's/^/all capacities 1: /' | tee -a "$OUT/ablation.txt" ;;
+ckpt)
+    # save (sync, then async) and resume the 1B flavor; quote save times and size
+    D=/tmp/hydra_ckpt_1b
+    rm -rf "$D"
+    if [ "${CKPT_ASYNC_ONLY:-0}" = 1 ]; then skip_sync=1; else skip_sync=0; fi
+    common=(--config train_configs/1B.toml --compile.enable false --validation.enable false --metrics.log_freq 1
+            --checkpoint.enable true --checkpoint.interval 2 --checkpoint.keep_latest_k 0)
+    if [ $skip_sync = 0 ]; then
+    python3 train.py "${common[@]}" --training.steps 4 --checkpoint.async_mode disabled --job.dump_folder "$D/sync" \
+        2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt"
+    du -sh "$D"/sync/checkpoint/step-* | tee -a "$OUT/ckpt.txt"
+    python3 train.py "${common[@]}" --training.steps 6 --checkpoint.async_mode disabled --job.dump_folder "$D/sync" \
+        2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt"
+    fi
+    python3 train.py "${common[@]}" --training.steps 4 --checkpoint.async_mode async --job.dump_folder "$D/async" \
+        2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt" ;;
+*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|ckpt" >&2; exit 2 ;;
 esac

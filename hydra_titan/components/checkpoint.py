@@ -303,11 +303,11 @@ class CheckpointManager:
         self._async_pg = None  # DCP's collectives in a background save: never shared with training's
         self._pending: dict[str, Any] | None = None
         self._last_saved_step = -1
-        if self.enabled and self.distributed:
-            if "gloo" not in str(dist.get_backend()).lower():
-                self._pg = dist.new_group(backend="gloo")
-            if cfg.async_mode == "async":
-                self._async_pg = dist.new_group(backend="gloo")
+        if self.enabled and self.distributed and "gloo" not in str(dist.get_backend()).lower():
+            self._pg = dist.new_group(backend="gloo")
+        if self.enabled and initialized and cfg.async_mode == "async":
+            # dcp.async_save needs a CPU-capable group even on one rank (the default one may be nccl only)
+            self._async_pg = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ collectives
     def _barrier(self) -> None:

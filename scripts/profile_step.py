@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Profile training steps and say where the time goes, by category.
+
+Builds the model exactly as the trainer does (see benchmark.py), warms up
+(compile happens there), then records a few steps with torch.profiler and
+prints (1) device time per category — GEMMs, attention, routing
+gathers/scatters, top-k/sort, fused elementwise (Triton), norms, optimizer,
+communication, copies — and (2) the top kernels. Optionally writes a Chrome
+trace.
+
+    python scripts/profile_step.py --case hydra:1B --steps 3 [--trace trace.json] [-- trainer overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hydra_titan.config import load_config  # noqa: E402
+from hydra_titan.distributed.utils import init_distributed, resolve_device_type  # noqa: E402
+from hydra_titan.train import Trainer  # noqa: E402
+
+# first match wins: (category, regex over the kernel / op name)
+CATEGORIES = [
+    ("communication", r"nccl|all_gather|reduce_scatter|all_reduce|c10d"),
+    ("attention", r"flash|fmha|cudnn.*attn|attention|sdpa|efficient_attention"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|matmul|mm_|_mm|wgmma|bmm|addmm|scaled_mm|nvjet|aten::mm\b"),
+    ("topk/sort", r"topk|sort|radix|bitonic|segmented"),
+    ("gather/scatter", r"gather|scatter|index|take_along|put_"),
+    ("optimizer", r"adam|foreach|multi_tensor|_fused_adam"),
+    ("copy/cast", r"copy|cast|convert|to_copy|memcpy|memset|fill"),
+    ("norm", r"norm"),
+    ("fused elementwise (triton)", r"^triton_|triton"),
+    ("elementwise (eager)", r"elementwise|vectorized|unrolled|reduce_kernel"),
+]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="hydra:1B")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--ac", default="selective")
+    parser.add_argument("--compile", default="on", choices=["on", "off"])
+    parser.add_argument("--vocab-size", type=int, default=100_352)
+    parser.add_argument("--trace", default="", help="write a Chrome trace here")
+    parser.add_argument("--json", default="", help="write the category summary here")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("extra", nargs=argparse.REMAINDER)
+    opts = parser.parse_args()
+    extra = [a for a in opts.extra if a != "--"]
+
+    device = init_distributed(resolve_device_type("auto")).device
+    model, flavor = opts.case.split(":")
+    cfg = load_config(["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(opts.seq_len),
+                       "--training.local_batch_size", str(opts.batch), "--activation_checkpoint.mode", opts.ac,
+                       "--compile.enable", str(opts.compile == "on").lower(), "--validation.enable", "false",
+                       "--metrics.enable_tensorboard", "false", "--data.val_fraction", "0",
+                       "--training.steps", "1000", "--job.dump_folder", "/tmp/hydra_titan_profile",
+                       "--model.overrides.vocab_size", str(opts.vocab_size), *extra])
+    trainer = Trainer(cfg)
+    tokens = torch.randint(0, trainer.model_args.vocab_size, (opts.batch, opts.seq_len + 1))
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    for _ in range(opts.warmup):
+        trainer.train_step(batch)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(opts.steps):
+            trainer.train_step(batch)
+        sync()
+    if opts.trace:
+        prof.export_chrome_trace(opts.trace)
+
+    on_gpu = torch.cuda.is_available()
+    kernels = [e for e in prof.events()
+               if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and (on_gpu or e.name.startswith("aten::"))]
+    by_cat: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        by_cat[categorise(e.name)] += e.device_time_total if on_gpu else e.self_cpu_time_total
+        by_name[e.name] += e.device_time_total if on_gpu else e.self_cpu_time_total
+    total = sum(by_cat.values())
+    step_ms = total / 1e3 / opts.steps
+    print(f"{opts.case} {' '.join(extra)}: device time per step {step_ms:.1f} ms (sum of kernel times)")
+    print("| category | ms/step | share |\n|---|---|---|")
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {us / 1e3 / opts.steps:.2f} | {100 * us / total:.1f} % |")
+    print(f"\ntop {opts.top} kernels (ms/step, category):")
+    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[: opts.top]:
+        print(f"  {us / 1e3 / opts.steps:8.2f}  {categorise(name):>22}  {name[:110]}")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"case": opts.case, "extra": extra, "step_ms": step_ms,
+                                               "categories": {k: v / 1e3 / opts.steps for k, v in by_cat.items()}},
+                                              indent=2))
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
