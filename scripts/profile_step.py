@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -90,9 +91,11 @@ def main() -> None:
         trainer.train_step(batch)
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         for _ in range(opts.steps):
             trainer.train_step(batch)
         sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / opts.steps
     if opts.trace:
         prof.export_chrome_trace(opts.trace)
 
@@ -106,15 +109,19 @@ def main() -> None:
         by_name[e.name] += e.device_time_total if on_gpu else e.self_cpu_time_total
     total = sum(by_cat.values())
     step_ms = total / 1e3 / opts.steps
-    print(f"{opts.case} {' '.join(extra)}: device time per step {step_ms:.1f} ms (sum of kernel times)")
+    print(f"{opts.case} {' '.join(extra)}: device time per step {step_ms:.1f} ms (sum of kernel times), "
+          f"{len(kernels) / opts.steps:.0f} kernels per step, wall {wall_ms:.1f} ms per step")
     print("| category | ms/step | share |\n|---|---|---|")
     for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"| {cat} | {us / 1e3 / opts.steps:.2f} | {100 * us / total:.1f} % |")
     print(f"\ntop {opts.top} kernels (ms/step, category):")
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[: opts.top]:
         print(f"  {us / 1e3 / opts.steps:8.2f}  {categorise(name):>22}  {name[:110]}")
+    print("\nhost (CPU) self time, top ops:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"case": opts.case, "extra": extra, "step_ms": step_ms,
+        Path(opts.json).write_text(json.dumps({"case": opts.case, "extra": extra, "step_ms": step_ms, "wall_ms": wall_ms,
+                                               "kernels_per_step": len(kernels) / opts.steps,
                                                "categories": {k: v / 1e3 / opts.steps for k, v in by_cat.items()}},
                                               indent=2))
     torch.distributed.destroy_process_group()

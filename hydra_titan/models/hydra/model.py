@@ -97,8 +97,10 @@ class HydraModel(nn.Module):
 
         mod_aux = stack("mod_aux")[self.mod_layer_ids].mean() if self.mod_layer_ids else stack("mod_aux").sum()
         mor_aux, mor_z = stack("mor_aux").mean(), stack("mor_z").mean()
-        aux_loss = (self.args.mod_aux_weight_value * mod_aux + self.args.mor_aux_weight * mor_aux
-                    + self.args.mor_z_loss_weight * mor_z)
+        weighted = ((self.args.mod_aux_weight_value, mod_aux), (self.args.mor_aux_weight, mor_aux),
+                    (self.args.mor_z_loss_weight, mor_z))
+        # zero-weight terms are left out, not multiplied by 0: no backward kernels for them
+        aux_loss = sum((w * term for w, term in weighted if w != 0), mor_aux.new_zeros(()))
         return {
             "aux_loss": aux_loss,
             "ponder_loss": stack("ponder").mean(),

@@ -47,6 +47,7 @@ class MoRBlock(nn.Module):
         self.eval_routing = args.eval_routing
         self.alpha = args.mor_router_alpha
         self.sigma = args.mor_gaussian_sigma
+        self.z_loss = args.mor_z_loss_weight > 0
         self.block = CCGQABlock(args)
         self.routers = nn.ModuleList(nn.Linear(args.dim, 1, bias=False) for _ in range(args.recursions))
         self.recursion_emb = nn.Parameter(torch.empty(args.recursions, args.dim))
@@ -73,7 +74,8 @@ class MoRBlock(nn.Module):
         h = x
         active: torch.Tensor | None = None    # positions (into x) of the tokens still in the loop
         active_valid = valid
-        depth = x.new_zeros((bsz, n_tokens), dtype=torch.float32)
+        # top-k depths follow from the static capacities; only threshold routing needs counting
+        depth = None if self.routing_mode() == "topk" else x.new_zeros((bsz, n_tokens), dtype=torch.float32)
         aux, z, ponder = [], [], []
         for step in range(self.recursions):
             logits = self.routers[step](h).squeeze(-1).float()      # cheap: one dot product per token
@@ -90,24 +92,25 @@ class MoRBlock(nn.Module):
             block_in = _take(h, idx) + self.recursion_emb[step].to(h.dtype)
             delta = self.block.residual_update(block_in, _take(positions, idx), rope_cache)
             update = (gate.unsqueeze(-1) * delta).to(h.dtype)
-            ones = torch.ones_like(gate) if sel_valid is None else sel_valid.float()
-            if idx is None:
-                h, depth = h + update, depth + ones
-            else:
-                h = scatter_add_tokens(h, idx, update)
-                depth = scatter_add_tokens(depth, idx, ones)
+            h = h + update if idx is None else scatter_add_tokens(h, idx, update)
+            if depth is not None:
+                ones = torch.ones_like(gate) if sel_valid is None else sel_valid.float()
+                depth = depth + ones if idx is None else scatter_add_tokens(depth, idx, ones)
 
             if target is not None:
                 aux.append(F.binary_cross_entropy_with_logits(act_logits, target))
-            z.append(_masked_mean(act_logits.pow(2), active_valid))
+            if self.z_loss:  # only when weighted: every extra reduction is launches in every step
+                z.append(_masked_mean(act_logits.pow(2), active_valid))
             ponder.append(_masked_mean(torch.sigmoid(act_logits), active_valid))
             active, active_valid = idx, sel_valid
 
+        zero = x.new_zeros((), dtype=torch.float32)
         stats = {
-            "mor_aux": torch.stack(aux).mean() if aux else x.new_zeros((), dtype=torch.float32),
-            "mor_z": torch.stack(z).mean(),
+            "mor_aux": torch.stack(aux).mean() if aux else zero,
+            "mor_z": torch.stack(z).mean() if z else zero,
             "ponder": torch.stack(ponder).mean(),
-            "mor_depth_hist": self._depth_histogram(depth, valid),
+            "mor_depth_hist": (self._static_depth_histogram(n_tokens, x.device) if depth is None
+                               else self._depth_histogram(depth, valid)),
         }
         return h - x, stats
 
@@ -128,6 +131,15 @@ class MoRBlock(nn.Module):
             keep = keep & active_valid
         sel, sel_valid = threshold_indices(keep)
         return sel, sel_valid, None
+
+    def _static_depth_histogram(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        """Top-k routing keeps k_r = ceil(cap_r * N) tokens at step r: the depth histogram is known."""
+        kept = [n_tokens]
+        for cap in self.capacities:
+            kept.append(min(kept[-1], static_capacity(cap, n_tokens)))
+        kept.append(0)
+        hist = [(kept[d] - kept[d + 1]) / n_tokens for d in range(self.recursions + 1)]
+        return torch.tensor(hist, device=device, dtype=torch.float32)
 
     def _depth_histogram(self, depth: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Fraction of (valid) tokens that ran 0..R recursions: [R + 1]."""
