@@ -76,7 +76,7 @@ def main() -> None:
     opts = parser.parse_args()
     extra = [a for a in opts.extra if a != "--"]
 
-    device = init_distributed(resolve_device_type("auto")).device
+    init_distributed(resolve_device_type("auto"))
     model, flavor = opts.case.split(":")
     cfg = load_config(["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(opts.seq_len),
                        "--training.local_batch_size", str(opts.batch), "--activation_checkpoint.mode", opts.ac,

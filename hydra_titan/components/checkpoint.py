@@ -24,27 +24,46 @@ truncated data file, is skipped with a warning and the previous one is used.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-import re
 import shutil
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+
+from .checkpoint_files import (  # noqa: F401  (re-exported for the scripts)
+    COMPLETE_MARKER,
+    CheckpointError,
+    DTYPES,
+    EXCLUDABLE,
+    FORMAT_VERSION,
+    META_FILE,
+    STATE_KEYS,
+    TMP_DIR_RE,
+    args_diff,
+    dcp_metadata,
+    dcp_mismatch_keys,
+    model_key_problems,
+    shorten,
+    checkpoint_problem,
+    list_checkpoints,
+    load_model_weights,
+    model_args_to_dict,
+    publish_checkpoint,
+    read_meta,
+    resolve_checkpoint_dir,
+    single_process_quiet,
+    strip_wrapper_prefixes,
+    write_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,222 +71,6 @@ __all__ = ["CheckpointError", "CheckpointManager", "COMPLETE_MARKER", "META_FILE
            "checkpoint_problem", "list_checkpoints", "load_model_weights", "model_args_to_dict", "read_meta",
            "resolve_checkpoint_dir", "strip_wrapper_prefixes", "publish_checkpoint", "write_meta",
            "single_process_quiet"]
-
-COMPLETE_MARKER = "COMPLETE"
-META_FILE = "hydra_titan.json"
-FORMAT_VERSION = 1
-STATE_KEYS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
-EXCLUDABLE = STATE_KEYS[1:]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_DIR = re.compile(r"^step-(\d+)\.tmp$")
-_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used by this run; the message says which and why."""
-
-
-# --------------------------------------------------------------------------- folder helpers
-
-
-def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``step-N`` folder (complete or not), oldest first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``hydra_titan.json`` beside a checkpoint, or None if it has none."""
-    file = Path(path) / META_FILE
-    if not file.is_file():
-        return None
-    return json.loads(file.read_text(encoding="utf-8"))
-
-
-def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> None:
-    (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def single_process_quiet():
-    """DCP warns on every single-process (no_dist) call that it assumes a single process: it is on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent")
-        yield
-
-
-def _dcp_metadata(path: Path):
-    return FileSystemReader(str(path)).read_metadata()
-
-
-def checkpoint_problem(path: str | os.PathLike, *, require_marker: bool = True) -> str | None:
-    """Why ``path`` is not a loadable checkpoint, or None if it looks complete.
-
-    Checks the completion marker, that DCP's ``.metadata`` unpickles, and that
-    every data file it points to exists and is at least as long as the bytes
-    recorded for it (a truncated shard is caught here, before any read).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return "no such folder"
-    if require_marker and not (path / COMPLETE_MARKER).is_file():
-        return f"no {COMPLETE_MARKER} marker (the save did not finish)"
-    if not (path / ".metadata").is_file():
-        return "no DCP .metadata file"
-    try:
-        md = _dcp_metadata(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata means an unusable checkpoint
-        return f"unreadable .metadata ({type(e).__name__}: {e})"
-    needed: dict[str, int] = {}
-    for info in (getattr(md, "storage_data", None) or {}).values():
-        rel, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
-        if rel is not None and offset is not None and length is not None:
-            needed[rel] = max(needed.get(rel, 0), int(offset) + int(length))
-    for rel, size in sorted(needed.items()):
-        file = path / rel
-        if not file.is_file():
-            return f"data file {rel} is missing"
-        if file.stat().st_size < size:
-            return f"data file {rel} is truncated ({file.stat().st_size} of {size} bytes)"
-    return None
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A DCP checkpoint folder, given it or a folder of ``step-N`` checkpoints (newest complete one)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if (path / ".metadata").is_file():
-        return path
-    complete = [p for _, p in list_checkpoints(path) if checkpoint_problem(p) is None]
-    if complete:
-        return complete[-1]
-    raise FileNotFoundError(f"{path} is neither a DCP checkpoint (no .metadata) nor a folder holding a complete "
-                            "step-N checkpoint")
-
-
-def publish_checkpoint(tmp: Path, final: Path, meta: dict[str, Any] | None = None) -> None:
-    """Mark ``tmp`` complete and rename it to ``final`` (single process; call after the write finished)."""
-    if not (tmp / ".metadata").is_file():
-        raise CheckpointError(f"cannot publish {tmp}: DCP did not write its .metadata")
-    if meta is not None:
-        write_meta(tmp, meta)
-    marker = tmp / COMPLETE_MARKER
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"completed_at": time.time()}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    stale = None
-    if final.exists():  # re-saving a step (or replacing an incomplete folder): move it out of the way first
-        stale = final.with_name(final.name + ".replaced.tmp")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.rename(final, stale)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- model weights helpers
-
-
-def model_args_to_dict(args: Any) -> dict[str, Any]:
-    """Model args as JSON-compatible values (tuples become lists)."""
-    if dataclasses.is_dataclass(args):
-        raw = dataclasses.asdict(args)
-    else:
-        raw = dict(args) if isinstance(args, dict) else dict(vars(args))
-    return json.loads(json.dumps(raw, default=str))
-
-
-def strip_wrapper_prefixes(key: str) -> str:
-    """Drop ``_orig_mod`` / ``_checkpoint_wrapped_module`` (compile / AC wrappers) from a parameter name."""
-    return ".".join(part for part in key.split(".") if part not in _WRAPPER_PARTS)
-
-
-def load_model_weights(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model weights of a DCP checkpoint as full CPU tensors, keyed without the ``model.`` prefix.
-
-    Reads only the ``model.*`` entries (not the optimizer); single process, no process group needed.
-    """
-    path = Path(path)
-    md = _dcp_metadata(path)
-    state = {key: torch.empty(tuple(item.size), dtype=item.properties.dtype)
-             for key, item in md.state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
-    if not state:
-        raise CheckpointError(f"{path} holds no model weights (no 'model.*' entries)")
-    with single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    out = {}
-    for key, value in state.items():
-        name = strip_wrapper_prefixes(key[len("model."):])
-        out[name] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-    return out
-
-
-def _model_key_problems(ckpt_md, model_sd: dict[str, Any]) -> list[str]:
-    """Key and shape differences between the checkpoint's ``model.*`` entries and this model."""
-    saved = {k[len("model."):]: tuple(v.size) for k, v in ckpt_md.state_dict_metadata.items()
-             if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
-    mine = {k: tuple(v.shape) for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
-    problems = []
-    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    if missing:
-        problems.append(f"missing from the checkpoint: {_short(missing)}")
-    if unexpected:
-        problems.append(f"in the checkpoint but not in the model: {_short(unexpected)}")
-    shapes = [f"{k}: checkpoint {list(saved[k])} vs model {list(mine[k])}"
-              for k in sorted(set(saved) & set(mine)) if saved[k] != mine[k]]
-    if shapes:
-        problems.append("shape mismatch: " + _short(shapes))
-    return problems
-
-
-def _short(items: list[str], limit: int = 12) -> str:
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def _args_diff(saved: dict[str, Any] | None, mine: dict[str, Any]) -> list[str]:
-    if not saved:
-        return []
-    keys = sorted(set(saved) | set(mine))
-    return [f"{k}: checkpoint {saved.get(k)!r} vs this run {mine.get(k)!r}"
-            for k in keys if saved.get(k) != mine.get(k)]
-
-
-_DCP_KEY_ERRORS = (re.compile(r"Missing key in checkpoint state_dict: ([^\s]+?)\.?(?:\s|$)"),
-                   re.compile(r"Size mismatch between saved (.+?) and current: (.+?) for ([^\s]+)"),
-                   re.compile(r"Missing key: ([^\s]+?)\.?(?:\s|$)"))
-
-
-def _dcp_mismatch(err: BaseException) -> list[str]:
-    """Key names of a DCP planning error (missing key / size mismatch), empty for anything else."""
-    text = str(err)
-    found = []
-    for pattern in _DCP_KEY_ERRORS:
-        for m in pattern.finditer(text):
-            found.append(" ".join(m.groups()) if len(m.groups()) > 1 else m.group(1))
-    return sorted(set(found))
-
 
 # --------------------------------------------------------------------------- the manager
 
@@ -351,7 +154,7 @@ class CheckpointManager:
             except CheckpointError:
                 raise
             except (Exception, CheckpointException) as e:  # DCP errors are collective: every rank gets here
-                keys = _dcp_mismatch(e)
+                keys = dcp_mismatch_keys(e)
                 if keys:
                     raise CheckpointError(f"checkpoint {path} does not match this run's state: {', '.join(keys)}. "
                                           "(a different model/flavor or optimizer? checkpoint.exclude_from_loading "
@@ -368,7 +171,7 @@ class CheckpointManager:
     def _plan_load(self) -> tuple[list[Path], list[str]] | Exception:
         """Rank 0: the checkpoints to try, newest first, and warnings about the ones left out."""
         notes = [f"ignoring {p.name} in {self.folder}: an interrupted save (never published)"
-                 for p in sorted(self.folder.glob("step-*.tmp")) if _TMP_DIR.match(p.name)]
+                 for p in sorted(self.folder.glob("step-*.tmp")) if TMP_DIR_RE.match(p.name)]
         found = list_checkpoints(self.folder)
         if self.cfg.load_step >= 0:
             path = self.folder / f"step-{self.cfg.load_step}"
@@ -401,20 +204,20 @@ class CheckpointManager:
         saved_name = meta.get("model_name")
         if saved_name and self.model_name and saved_name != self.model_name:
             return "mismatch", (f"checkpoint {path} is of model {saved_name!r}, this run trains {self.model_name!r}")
-        problems = _model_key_problems(_dcp_metadata(path), get_model_state_dict(self.model))
+        problems = model_key_problems(dcp_metadata(path), get_model_state_dict(self.model))
         if problems:
-            diff = _args_diff(meta.get("model_args"), self.model_args or {})
-            args = f"model args that differ: {_short(diff)}; " if diff else ""
+            diff = args_diff(meta.get("model_args"), self.model_args or {})
+            args = f"model args that differ: {shorten(diff)}; " if diff else ""
             return "mismatch", (f"checkpoint {path} does not fit the model of this run (another model or flavor?): "
                                 f"{args}{'; '.join(problems)}")
-        diff = _args_diff(meta.get("model_args"), self.model_args or {})
+        diff = args_diff(meta.get("model_args"), self.model_args or {})
         if diff:
             logger.warning("checkpoint %s was saved with other model args (shapes agree, loading anyway): %s",
-                           path, _short(diff))
+                           path, shorten(diff))
         return None
 
     def _load_from(self, path: Path) -> None:
-        md = _dcp_metadata(path)
+        md = dcp_metadata(path)
         saved = {key.split(".", 1)[0] for key in md.state_dict_metadata}
         rng_key = f"rank{self.rank}"
         wanted = [k for k in STATE_KEYS if k in saved and k not in self.exclude and self._owner(k) is not None]
@@ -567,7 +370,7 @@ class CheckpointManager:
 
     def _purge(self, keep: Path) -> None:
         for stale in self.folder.glob("step-*.tmp"):
-            if _TMP_DIR.match(stale.name) and (self._pending is None or stale != self._pending["tmp"]):
+            if TMP_DIR_RE.match(stale.name) and (self._pending is None or stale != self._pending["tmp"]):
                 logger.info("removing %s (left by an interrupted save)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         k = self.cfg.keep_latest_k

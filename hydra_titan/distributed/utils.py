@@ -42,7 +42,6 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
     serves every launch.
     """
     backend = "nccl" if device_type == "cuda" else "gloo"
-    rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":

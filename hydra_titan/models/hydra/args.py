@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..common.args import replace_args
+from ..common.args import check_heads, check_positive, replace_args
 from ..common.ffn import swiglu_hidden_dim
 
 MoDMode = Literal["topk", "soft"]
@@ -106,17 +106,12 @@ class HydraModelArgs:
 
     # ------------------------------------------------------------ checks
     def validate(self) -> None:
-        for name in ("vocab_size", "dim", "n_mor_blocks", "recursions", "n_heads", "n_kv_heads",
-                     "head_dim", "max_seq_len", "conv_kernel_seq", "conv_kernel_ch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, ("vocab_size", "dim", "n_mor_blocks", "recursions", "n_heads", "n_kv_heads",
+                              "head_dim", "max_seq_len", "conv_kernel_seq", "conv_kernel_ch"))
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        check_heads(self.n_heads, self.n_kv_heads, self.head_dim)
         if self.dim % (self.n_heads * self.head_dim):
             raise ValueError(
                 f"dim ({self.dim}) must be divisible by n_heads*head_dim ({self.n_heads}*{self.head_dim}): "

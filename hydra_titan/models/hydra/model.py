@@ -12,19 +12,13 @@ statistics as tensors, so nothing in the hot path syncs with the host.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..common.norms import RMSNorm
-from ..common.rope import rope_cache
-from ..common.validation import check_token_ids
+from ..common.decoder import Decoder
 from .args import HydraModelArgs
 from .mod import MoDRouter
 from .mor import MoRBlock
-
-INIT_STD = 0.02
 
 
 class HydraLayer(nn.Module):
@@ -50,45 +44,19 @@ class HydraLayer(nn.Module):
             self.mod.init_weights(init_std)
 
 
-class HydraModel(nn.Module):
+class HydraModel(Decoder):
     def __init__(self, args: HydraModelArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): HydraLayer(i, args) for i in range(args.n_mor_blocks)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_cache", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta),
-                             persistent=False)
+        layers = nn.ModuleDict({str(i): HydraLayer(i, args) for i in range(args.n_mor_blocks)})
+        super().__init__(args, layers, residual_depth=args.effective_depth)
         self.mod_layer_ids = [i for i in range(args.n_mor_blocks) if args.is_mod_layer(i)]
 
-    @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        """Initialise every parameter and buffer (models are built on the meta device)."""
-        device = buffer_device if buffer_device is not None else self.rope_cache.device
-        self.rope_cache = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
-        nn.init.normal_(self.tok_embeddings.weight)
-        # residual-branch outputs shrink with the effective depth (every recursion adds to the stream)
-        out_std = INIT_STD / math.sqrt(2 * self.args.effective_depth)
-        for layer in self.layers.values():
-            layer.init_weights(INIT_STD, out_std)
-        self.norm.reset_parameters()
-        final_std = self.args.dim ** -0.5
-        nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
-
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        check_token_ids(tokens, self.args.vocab_size, self.args.max_seq_len)
-        bsz, seq_len = tokens.shape
-        if positions is None:
-            positions = torch.arange(seq_len, device=tokens.device).expand(bsz, seq_len)
-
-        h = self.tok_embeddings(tokens)
+        h, positions = self.embed(tokens, positions)
         per_layer: list[dict[str, torch.Tensor]] = []
         for layer in self.layers.values():
             h, stats = layer(h, positions, self.rope_cache)
             per_layer.append(stats)
-        logits = self.output(self.norm(h))
-        return {"logits": logits, **self._combine_stats(per_layer)}
+        return {"logits": self.head(h), **self._combine_stats(per_layer)}
 
     def _combine_stats(self, per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Average router losses over layers, weight them, and stack per-layer metrics."""

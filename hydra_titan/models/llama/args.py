@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..common.args import replace_args
+from ..common.args import check_heads, check_positive, replace_args
 from ..common.ffn import swiglu_hidden_dim
 from ..hydra.args import HYDRA_FLAVORS
 
@@ -32,13 +32,8 @@ class LlamaModelArgs:
     attn_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"))
+        check_heads(self.n_heads, self.n_kv_heads, self.head_dim)
 
     @property
     def ffn_hidden_dim(self) -> int:

@@ -7,19 +7,15 @@ are zero, so the loss and metrics code needs no special case.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..common.attention import get_attention_backend
+from ..common.decoder import Decoder
 from ..common.ffn import SwiGLU
 from ..common.norms import RMSNorm
-from ..common.rope import apply_rope, rope_cache
-from ..common.validation import check_token_ids
+from ..common.rope import apply_rope
 from .args import LlamaModelArgs
-
-INIT_STD = 0.02
 
 
 class GQAttention(nn.Module):
@@ -63,37 +59,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(init_std, out_std)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Decoder):
     def __init__(self, args: LlamaModelArgs):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_cache", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta),
-                             persistent=False)
-
-    @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        device = buffer_device if buffer_device is not None else self.rope_cache.device
-        self.rope_cache = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
-        nn.init.normal_(self.tok_embeddings.weight)
-        out_std = INIT_STD / math.sqrt(2 * self.args.n_layers)
-        for layer in self.layers.values():
-            layer.init_weights(INIT_STD, out_std)
-        self.norm.reset_parameters()
-        final_std = self.args.dim ** -0.5
-        nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
+        layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        super().__init__(args, layers, residual_depth=args.n_layers)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        check_token_ids(tokens, self.args.vocab_size, self.args.max_seq_len)
-        bsz, seq_len = tokens.shape
-        if positions is None:
-            positions = torch.arange(seq_len, device=tokens.device).expand(bsz, seq_len)
-        h = self.tok_embeddings(tokens)
+        h, positions = self.embed(tokens, positions)
         for layer in self.layers.values():
             h = layer(h, positions, self.rope_cache)
-        logits = self.output(self.norm(h))
+        logits = self.head(h)
         zero = logits.new_zeros((), dtype=torch.float32)
         return {"logits": logits, "aux_loss": zero, "ponder_loss": zero}

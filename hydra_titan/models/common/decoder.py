@@ -1,0 +1,58 @@
+"""The decoder contract as a base class: embedding -> layers -> norm -> LM head.
+
+The shared parallelize function relies on exactly these names
+(`tok_embeddings`, `layers` as an nn.ModuleDict of blocks, `norm`, `output`,
+`init_weights`), so every model family builds them here and only supplies its
+blocks and its forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .norms import RMSNorm
+from .rope import rope_cache
+from .validation import check_token_ids
+
+INIT_STD = 0.02
+
+
+class Decoder(nn.Module):
+    def __init__(self, args, layers: nn.ModuleDict, residual_depth: int):
+        super().__init__()
+        self.args = args
+        # residual-branch outputs shrink with the number of updates the stream receives
+        self.residual_depth = residual_depth
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = layers
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cache", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta),
+                             persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Initialise every parameter and buffer (models are built on the meta device)."""
+        device = buffer_device if buffer_device is not None else self.rope_cache.device
+        self.rope_cache = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
+        nn.init.normal_(self.tok_embeddings.weight)
+        out_std = INIT_STD / math.sqrt(2 * self.residual_depth)
+        for layer in self.layers.values():
+            layer.init_weights(INIT_STD, out_std)
+        self.norm.reset_parameters()
+        final_std = self.args.dim ** -0.5
+        nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked token embeddings and the position ids (0..S-1 unless given)."""
+        check_token_ids(tokens, self.args.vocab_size, self.args.max_seq_len)
+        bsz, seq_len = tokens.shape
+        if positions is None:
+            positions = torch.arange(seq_len, device=tokens.device).expand(bsz, seq_len)
+        return self.tok_embeddings(tokens), positions
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))
