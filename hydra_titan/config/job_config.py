@@ -208,6 +208,8 @@ class Compile:
 
     enable: bool = opt(False, "compile each block with torch.compile")
     fullgraph: bool = opt(True, "require a single graph per block")
+    inductor_options: dict[str, Any] = opt({}, "torch._inductor config passed to the block compiles, "
+                                           "e.g. {coordinate_descent_tuning = true}")
 
 
 @dataclass

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 
-def apply_compile(model: nn.Module, fullgraph: bool = True) -> None:
+def apply_compile(model: nn.Module, fullgraph: bool = True, inductor_options: dict | None = None) -> None:
+    """Compile every block in place; `inductor_options` are passed to inductor (torch.compile's `options`)."""
     for block in model.layers.values():
-        block.compile(fullgraph=fullgraph)
+        block.compile(fullgraph=fullgraph, options=dict(inductor_options) if inductor_options else None)
 
 
 def eager_eval():

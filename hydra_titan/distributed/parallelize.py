@@ -42,7 +42,7 @@ def parallelize_decoder(model: nn.Module, *, parallel_dims: ParallelDims, mesh: 
                           skip_fqns=options.float8_skip_fqns)
     apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, options.ac_extra_save_ops)
     if cfg.compile.enable:
-        apply_compile(model, fullgraph=cfg.compile.fullgraph)
+        apply_compile(model, fullgraph=cfg.compile.fullgraph, inductor_options=cfg.compile.inductor_options)
     apply_fsdp(model, parallel_dims.fsdp_mesh(mesh), param_dtype=cfg.training.mixed_precision_param,
                reduce_dtype=cfg.training.mixed_precision_reduce,
                reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward)
