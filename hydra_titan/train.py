@@ -86,6 +86,10 @@ class Trainer:
         torch.manual_seed(cfg.job.seed)  # same on every rank: identical initial weights
 
         self.tokenizer = build_tokenizer(cfg.tokenizer.name)
+        # data before the model: a bad path or source fails in seconds, not after materialising weights
+        self.train_loader = self._build_loader("train")
+        self.val_loader = (self._build_loader("val")
+                           if cfg.validation.enable and cfg.data.val_fraction > 0 else None)
         self.spec = get_model_spec(cfg.model.name)
         self.model_args = resolve_model_args(self.spec, cfg, self.tokenizer)
         with torch.device("meta"):
@@ -121,9 +125,6 @@ class Trainer:
         t = cfg.training
         self.loss_fn = build_loss_fn(chunked=t.chunked_ce, chunk_size=t.ce_chunk_size, z_loss_weight=t.z_loss_weight,
                                      aux_loss_weight=t.aux_loss_weight, ponder_loss_weight=t.ponder_loss_weight)
-        self.train_loader = self._build_loader("train")
-        self.val_loader = (self._build_loader("val")
-                           if cfg.validation.enable and cfg.data.val_fraction > 0 else None)
 
         self.state = TrainState()
         self.checkpointer = CheckpointManager(
@@ -131,7 +132,8 @@ class Trainer:
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, dataloader=self.train_loader,
             train_state=self.state, model_args=self.model_args, model_name=cfg.model.name)
         self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
-                                     tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder)
+                                     tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder,
+                                     rank=self.dist.rank)
         if self.is_rank0:
             save_config(cfg, self.dump_folder / "config.toml")
         self._stop_signal: int | None = None

@@ -66,18 +66,20 @@ class Throughput:
 class MetricsLogger:
     """Writes scalars to TensorBoard and one JSON object per log step to metrics.jsonl."""
 
-    def __init__(self, folder: Path, *, enabled: bool, tensorboard: bool, tb_folder: str):
+    def __init__(self, folder: Path, *, enabled: bool, tensorboard: bool, tb_folder: str, rank: int = 0):
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(folder / "metrics.jsonl", "a", encoding="utf-8")
+        # rank 0 writes metrics.jsonl and tb/; other ranks (metrics.rank_0_only = false) their own files
+        suffix = "" if rank == 0 else f"_rank{rank}"
+        self._jsonl = open(folder / f"metrics{suffix}.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(folder / tb_folder))
+            self._writer = SummaryWriter(log_dir=str(folder / tb_folder / (f"rank{rank}" if rank else "")))
 
     def log(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:

@@ -115,9 +115,14 @@ def test_sigterm_stops_cleanly_between_steps(tmp_path):
 
 
 def test_torchrun_two_cpu_ranks_runs_to_the_end(tmp_path):
-    proc = subprocess.run(["./run_train.sh", *TINY[2:], "--training.steps", "6", "--job.dump_folder", str(tmp_path)],
+    proc = subprocess.run(["./run_train.sh", *TINY[2:], "--training.steps", "6", "--metrics.rank_0_only", "false",
+                           "--job.dump_folder", str(tmp_path)],
                           cwd=REPO, env={**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout
     assert [r["step"] for r in read_metrics(tmp_path) if "loss/ce" in r][-1] == 6
+    # every rank logs when asked to, each to its own file; the global loss is the same on both
+    rank1 = [json.loads(line) for line in (tmp_path / "metrics_rank1.jsonl").read_text().splitlines()]
+    assert len(rank1) == len(read_metrics(tmp_path))
+    assert [r.get("loss/ce") for r in rank1] == [r.get("loss/ce") for r in read_metrics(tmp_path)]
