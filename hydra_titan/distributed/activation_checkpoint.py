@@ -19,14 +19,12 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 def default_save_ops() -> set[Any]:
     aten = torch.ops.aten
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-           aten._scaled_dot_product_efficient_attention.default,
-           aten._scaled_dot_product_flash_attention.default,
-           aten._scaled_dot_product_cudnn_attention.default,
-           aten._scaled_dot_product_flash_attention_for_cpu.default}
-    if hasattr(torch.ops, "torchao"):  # float8 GEMMs
-        ops.add(aten._scaled_mm.default)
-    return ops
+    return {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+            aten._scaled_mm.default,  # float8 GEMMs (torchao): recomputing them would undo their gain
+            aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_cudnn_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 def _selective_context_fn(save_ops: frozenset) -> Callable:
