@@ -23,7 +23,7 @@ import torch
 from .components.checkpoint import CheckpointManager
 from .components.dataloader import build_dataloader
 from .components.loss import build_loss_fn, count_target_tokens
-from .components.lr_scheduler import build_lr_scheduler
+from .components.lr_scheduler import build_lr_scheduler, fit_warmup
 from .components.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, routing_scalars
 from .components.optimizer import build_optimizer
 from .components.tokenizer import Tokenizer, build_tokenizer
@@ -113,9 +113,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, beta1=o.beta1, beta2=o.beta2,
                                          eps=o.eps, weight_decay=o.weight_decay, fused=o.fused)
         s = cfg.lr_scheduler
-        # a short smoke run of a long config: warm up over what the decay phase leaves free
-        decay_steps = round(s.decay_ratio * cfg.training.steps) if s.decay_type == "wsd" else 0
-        warmup = min(s.warmup_steps, cfg.training.steps - decay_steps)
+        warmup = fit_warmup(s.warmup_steps, decay_type=s.decay_type, decay_ratio=s.decay_ratio,
+                            total_steps=cfg.training.steps)
         if warmup < s.warmup_steps:
             logger.warning("lr_scheduler.warmup_steps (%d) > training.steps (%d): warming up for %d steps",
                            s.warmup_steps, cfg.training.steps, warmup)

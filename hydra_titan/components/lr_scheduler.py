@@ -137,6 +137,16 @@ def lr_multiplier(
     return min_lr_factor + (1.0 - min_lr_factor) * remaining
 
 
+def fit_warmup(warmup_steps: int, *, decay_type: str, decay_ratio: float, total_steps: int) -> int:
+    """The longest warmup, at most ``warmup_steps``, that fits a run of ``total_steps``.
+
+    A short smoke run of a long config (``--training.steps 20`` on a 2000-step
+    warmup) warms up over what the decay phase leaves free instead of failing.
+    """
+    decay_steps = _wsd_decay_steps(decay_ratio, total_steps) if decay_type == "wsd" else 0
+    return max(0, min(warmup_steps, total_steps - decay_steps))
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     *,

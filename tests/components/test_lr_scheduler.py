@@ -155,3 +155,12 @@ def test_unknown_decay_type_lists_the_known_ones():
         build_lr_scheduler(_optimizer(), **_schedule(decay_type="exponential"))
     for name in ("cosine", "linear", "wsd", "constant"):
         assert name in str(info.value)
+
+
+def test_fit_warmup_leaves_room_for_the_decay():
+    from hydra_titan.components.lr_scheduler import fit_warmup, validate_schedule
+
+    assert fit_warmup(200, decay_type="cosine", decay_ratio=0.2, total_steps=1000) == 200
+    assert fit_warmup(2000, decay_type="cosine", decay_ratio=0.2, total_steps=20) == 20
+    assert fit_warmup(2000, decay_type="wsd", decay_ratio=0.2, total_steps=20) == 16
+    validate_schedule(warmup_steps=16, decay_type="wsd", decay_ratio=0.2, min_lr_factor=0.1, total_steps=20)
