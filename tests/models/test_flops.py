@@ -4,8 +4,9 @@ What the counter counts (torch 2.13, CPU), and how the test adapts:
 
 * It counts matmul-like ops only (mm/addmm/bmm/baddbmm, conv, SDPA kernels that
   have a registered formula). Elementwise ops are free to it: norms, RoPE, the
-  router gating, and CCGQA's *depthwise* sequence conv (written as shifted
-  multiply-adds). The per-head channel conv is an einsum -> bmm, so it IS counted.
+  router gating, the router scores themselves (a fused multiply-sum, see
+  `routing.router_logits`) and CCGQA's *depthwise* sequence conv (written as
+  shifted multiply-adds). The per-head channel conv is an einsum -> bmm, so it IS counted.
   The embedding lookup and its backward are not counted (nor by the formula).
 * SDPA on CPU dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`
   (and `..._for_cpu_backward`), which have NO entry in torch's flop registry in
@@ -18,13 +19,16 @@ What the counter counts (torch 2.13, CPU), and how the test adapts:
 
 Each model test checks the formula against the counter within 5% (the bound
 the brief asks for) and, more tightly, that the formula minus its depthwise-conv
-term (which the counter cannot see) equals the counter; the number of tokens
-each block application processed is measured with hooks, not recomputed.
+and router terms (which the counter cannot see) equals the counter; the number
+of tokens each block application processed and each router scored is measured
+with hooks, not recomputed.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
+from unittest import mock
 
 import pytest
 import torch
@@ -34,6 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hydra_titan.models import get_model_spec
 from hydra_titan.models.hydra import HydraModel, HydraModelArgs, hydra_flops_per_token, hydra_param_report
+from hydra_titan.models.hydra import mod as mod_module
+from hydra_titan.models.hydra import mor as mor_module
 from hydra_titan.models.hydra.flops import block_weight_params
 from hydra_titan.models.llama import LlamaModel, LlamaModelArgs, llama_flops_per_token, llama_param_report
 from hydra_titan.models.llama.flops import layer_weight_params
@@ -61,25 +67,37 @@ def build(args):
     return model.train()
 
 
-def counted_train_step(model, seq_len: int, hook_attention: bool = False) -> tuple[int, list[int]]:
-    """FLOPs the counter sees for one forward+backward, and the token count of every attention call."""
+def counted_train_step(model, seq_len: int, hook_attention: bool = False) -> tuple[int, list[int], int]:
+    """FLOPs the counter sees for one forward+backward, the token count of every attention call,
+    and the FLOPs of the router scores (6 per weight per scored token; invisible to the counter)."""
     tokens = torch.randint(0, model.args.vocab_size, (B, seq_len))
     processed: list[int] = []
+    router_flops = [0]
     handles = []
     if hook_attention:
         for layer in model.layers.values():
             handles.append(layer.mor.block.attention.register_forward_hook(
                 lambda mod, inp, out: processed.append(inp[0].shape[1])))
+
+    def counting(fn):
+        def wrapper(x, weight):
+            router_flops[0] += 6 * x.numel()
+            return fn(x, weight)
+        return wrapper
+
     try:
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            out = model(tokens)
-            loss = F.cross_entropy(out["logits"].float().flatten(0, 1), tokens.flatten())
-            loss = loss + out["aux_loss"] + out["ponder_loss"]
-            loss.backward()
+        with ExitStack() as stack:
+            for module in (mod_module, mor_module):
+                stack.enter_context(mock.patch.object(module, "router_logits", counting(module.router_logits)))
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                out = model(tokens)
+                loss = F.cross_entropy(out["logits"].float().flatten(0, 1), tokens.flatten())
+                loss = loss + out["aux_loss"] + out["ponder_loss"]
+                loss.backward()
     finally:
         for h in handles:
             h.remove()
-    return counter.get_total_flops(), processed
+    return counter.get_total_flops(), processed, router_flops[0]
 
 
 def depthwise_conv_flops(args: HydraModelArgs, processed: list[int]) -> int:
@@ -110,7 +128,7 @@ def test_math_sdpa_counts_the_attention_convention():
 ])
 def test_llama_flops_match_counter(kw, seq_len):
     args = tiny_llama(**kw)
-    counted, _ = counted_train_step(build(args), seq_len)
+    counted, _, _ = counted_train_step(build(args), seq_len)
     fc = llama_flops_per_token(args, seq_len)
     expected = fc.executed * B * seq_len
     assert fc.executed == fc.dense
@@ -140,12 +158,14 @@ HYDRA_CONFIGS = {
 def test_hydra_flops_match_counter(name):
     kw, seq_len = HYDRA_CONFIGS[name]
     args = tiny_hydra(**kw)
-    counted, processed = counted_train_step(build(args), seq_len, hook_attention=True)
+    counted, processed, router_flops = counted_train_step(build(args), seq_len, hook_attention=True)
     fc = hydra_flops_per_token(args, seq_len)
     expected = fc.executed * B * seq_len
     assert abs(expected - counted) <= 0.05 * counted, (expected, counted)
-    # tighter: only the depthwise conv (elementwise, invisible to the counter) separates them
-    assert expected - depthwise_conv_flops(args, processed) == pytest.approx(counted, rel=1e-9)
+    # tighter: only the depthwise conv and the router scores (elementwise, invisible to the counter)
+    # separate them
+    assert router_flops > 0
+    assert expected - depthwise_conv_flops(args, processed) - router_flops == pytest.approx(counted, rel=1e-9)
     # every block application ran: n_mor_blocks * recursions attention calls
     assert len(processed) == args.n_mor_blocks * args.recursions
 
@@ -153,7 +173,7 @@ def test_hydra_flops_match_counter(name):
 def test_hydra_processed_tokens_follow_static_capacities():
     # MoD keeps ceil(0.3*37) = 12 tokens; MoR then keeps ceil(c*12) of those: 9, 6, 3
     args = tiny_hydra(n_mor_blocks=1, recursions=3, mod_capacity=0.3, mor_capacities=(0.7, 0.45, 0.2))
-    _, processed = counted_train_step(build(args), 37, hook_attention=True)
+    _, processed, _ = counted_train_step(build(args), 37, hook_attention=True)
     assert processed == [9, 6, 3]
 
 
@@ -161,8 +181,8 @@ def test_routing_executes_fewer_flops_by_about_the_capacity():
     seq_len = 64
     routed = tiny_hydra(mod_every=0, mor_capacities=(1.0, 0.5), vocab_size=64)
     dense = routed.replace(mor_capacities=(1.0, 1.0))
-    c_routed, _ = counted_train_step(build(routed), seq_len)
-    c_dense, _ = counted_train_step(build(dense), seq_len)
+    c_routed, _, _ = counted_train_step(build(routed), seq_len)
+    c_dense, _, _ = counted_train_step(build(dense), seq_len)
     assert c_routed < c_dense
 
     fc = hydra_flops_per_token(routed, seq_len)
@@ -201,14 +221,14 @@ def test_soft_and_gaussian_modes_execute_dense_flops():
     seq_len = 32
     soft = tiny_hydra(mod_mode="soft", mor_mode="gaussian", mod_capacity=0.25, recursions=3)
     hard_caps_1 = tiny_hydra(mod_capacity=1.0, recursions=3, mor_capacities=(1.0, 1.0, 1.0))
-    c_soft, processed = counted_train_step(build(soft), seq_len, hook_attention=True)
+    c_soft, processed, r_soft = counted_train_step(build(soft), seq_len, hook_attention=True)
     assert processed == [seq_len] * (soft.n_mor_blocks * soft.recursions)
     fc = hydra_flops_per_token(soft, seq_len)
     assert abs(fc.dense * B * seq_len - c_soft) <= 0.05 * c_soft
     # same work as a hard-routed model at capacity 1, except that Gaussian MoR uses one router, not R
-    c_hard, _ = counted_train_step(build(hard_caps_1), seq_len)
-    router_diff = 6 * soft.dim * (soft.recursions - 1) * soft.n_mor_blocks * B * seq_len
-    assert c_hard - c_soft == router_diff
+    c_hard, _, r_hard = counted_train_step(build(hard_caps_1), seq_len)
+    assert c_hard == c_soft
+    assert r_hard - r_soft == 6 * soft.dim * (soft.recursions - 1) * soft.n_mor_blocks * B * seq_len
 
 
 # ----------------------------------------------------------------------------- parameter reports

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import gather_tokens, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
+from .routing import gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
 
 # inner(x_sel, positions_sel, valid) -> (residual update, stats of the inner block)
 InnerFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
@@ -43,7 +43,7 @@ class MoDRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inner: InnerFn) -> tuple[torch.Tensor, dict]:
         """Route x [B, S, E] through `inner`; returns (output, stats with `mod_frac`, `mod_aux`)."""
-        logits = self.router(x).squeeze(-1).float()
+        logits = router_logits(x, self.router.weight)
         mode = self.routing_mode()
         if mode == "soft":
             return self._soft(x, positions, logits, inner)

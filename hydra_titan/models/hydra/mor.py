@@ -24,7 +24,7 @@ from torch import nn
 
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
-from .routing import gather_tokens, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
+from .routing import gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -78,7 +78,7 @@ class MoRBlock(nn.Module):
         depth = None if self.routing_mode() == "topk" else x.new_zeros((bsz, n_tokens), dtype=torch.float32)
         aux, z, ponder = [], [], []
         for step in range(self.recursions):
-            logits = self.routers[step](h).squeeze(-1).float()      # cheap: one dot product per token
+            logits = router_logits(h, self.routers[step].weight)   # one dot product per token
             act_logits = _take(logits, active)
             sel, sel_valid, target = self._select_step(act_logits, active_valid, step, n_tokens)
             if sel is None:       # everyone still active continues
@@ -158,7 +158,7 @@ class MoRBlock(nn.Module):
         Gaussian N(mu, sigma) over depths. Dense and differentiable; use it as
         an ablation or for static graphs.
         """
-        mu = 1.0 + torch.sigmoid(self.routers[0](x).squeeze(-1).float()) * (self.recursions - 1)
+        mu = 1.0 + torch.sigmoid(router_logits(x, self.routers[0].weight)) * (self.recursions - 1)
         depths = torch.arange(1, self.recursions + 1, device=x.device, dtype=torch.float32)
         weights = torch.softmax(-((depths - mu.unsqueeze(-1)) ** 2) / (2 * self.sigma ** 2), dim=-1)
         h, mixed = x, torch.zeros_like(x)

@@ -40,15 +40,71 @@ def threshold_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, valid
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 router scores x·w for x [B, N, E] and a router weight [1, E] -> [B, N].
+
+    Written as a reduction rather than an `nn.Linear` with one output: a GEMM of
+    width 1 is a separate, poorly aligned kernel (and two more in backward) in
+    every recursion step, while a reduction fuses with the neighbouring
+    elementwise work under torch.compile. Accumulates in fp32.
+    """
+    return (x.float() * weight.reshape(-1).float()).sum(dim=-1)
+
+
+def _expand_index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """idx [B, K] broadcast over the trailing dims of `like` [B, N, ...]."""
+    if like.dim() == 2:
+        return idx
+    return idx.view(*idx.shape, *([1] * (like.dim() - 2))).expand(-1, -1, *like.shape[2:])
+
+
+class _GatherDistinct(torch.autograd.Function):
+    """x.gather(1, index) whose backward is a plain scatter.
+
+    Autograd's gather backward is a scatter-*add* (atomics; in bf16 inductor
+    hands it to an eager kernel, which splits the fused graph). Routing indices
+    are distinct within a row, so a scatter into zeros is the same gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.x_shape = x.shape
+        return x.gather(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.x_shape).scatter(1, index, grad), None
+
+
+class _ScatterAddDistinct(torch.autograd.Function):
+    """x + update placed at `index` (distinct within a row), without atomics.
+
+    Forward is gather -> add -> scatter (one fused kernel under inductor, and
+    bitwise the value scatter_add gives: one addition per element); backward
+    is the identity for x and a gather for the update.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        return x.scatter(1, index, x.gather(1, index) + update)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.gather(1, index)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x[b, idx[b, j]] for x [B, N, ...] and idx [B, K] -> [B, K, ...]."""
-    if x.dim() == 2:
-        return x.gather(1, idx)
-    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+    """x[b, idx[b, j]] for x [B, N, ...] and idx [B, K] -> [B, K, ...]; idx distinct within a row."""
+    index = _expand_index(idx, x)
+    if not x.is_floating_point():
+        return x.gather(1, index)
+    return _GatherDistinct.apply(x, index)
 
 
 def scatter_add_tokens(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """Out-of-place x[b, idx[b, j]] += update[b, j] (indices within a row are distinct)."""
-    if x.dim() == 2:
-        return x.scatter_add(1, idx, update)
-    return x.scatter_add(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(update), update)
+    return _ScatterAddDistinct.apply(x, _expand_index(idx, x), update)
