@@ -123,7 +123,8 @@ class Trainer:
                                                min_lr_factor=s.min_lr_factor, total_steps=cfg.training.steps)
         t = cfg.training
         self.loss_fn = build_loss_fn(chunked=t.chunked_ce, chunk_size=t.ce_chunk_size, z_loss_weight=t.z_loss_weight,
-                                     aux_loss_weight=t.aux_loss_weight, ponder_loss_weight=t.ponder_loss_weight)
+                                     aux_loss_weight=t.aux_loss_weight, ponder_loss_weight=t.ponder_loss_weight,
+                                     compile=cfg.compile.enable and cfg.compile.loss)
 
         self.state = TrainState()
         self.checkpointer = CheckpointManager(

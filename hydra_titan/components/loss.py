@@ -18,8 +18,9 @@ Nothing here calls ``.item()`` / ``.cpu()``: every result stays a tensor.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "chunked_cross_entropy_sum",
     "count_target_tokens",
     "cross_entropy_sum",
+    "plain_token_sums",
     "z_loss",
     "z_loss_sum",
 ]
@@ -99,6 +101,29 @@ def z_loss(
     """
     count = count_target_tokens(labels, ignore_index).clamp(min=1)
     return z_loss_sum(logits, labels, ignore_index) / count
+
+
+def plain_token_sums(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, with_z: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE sum, z sum) of [..., V] logits; z is 0 unless asked for (it costs a full lse)."""
+    upcast = logits.to(_compute_dtype(logits.dtype))  # one fp32 copy shared by both
+    ce_sum = cross_entropy_sum(upcast, labels, ignore_index)
+    if not with_z:
+        return ce_sum, torch.zeros_like(ce_sum)
+    return ce_sum, z_loss_sum(upcast, labels, ignore_index)
+
+
+@functools.cache
+def _compiled_plain_token_sums() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`plain_token_sums` under torch.compile (built once, on first use).
+
+    Inductor fuses the upcast, the log-softmax and the target pick into
+    reductions that read the bf16 logits once, and writes the gradient in
+    bf16: no fp32 [tokens, vocab] tensor is materialised, and the eager
+    softmax kernels (~9 ms per 8k tokens at a 100k vocabulary on an H100) go.
+    """
+    return torch.compile(plain_token_sums)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -274,6 +299,7 @@ class LossFn:
     aux_loss_weight: float
     ponder_loss_weight: float
     ignore_index: int = IGNORE_INDEX
+    compile: bool = False
 
     def _token_sums(
         self, logits: torch.Tensor, labels: torch.Tensor
@@ -284,11 +310,8 @@ class LossFn:
             if self.z_loss_weight == 0.0:
                 z_sum = torch.zeros_like(ce_sum)  # same report as the plain path
             return ce_sum, z_sum
-        upcast = logits.to(_compute_dtype(logits.dtype))  # one fp32 copy shared by both
-        ce_sum = cross_entropy_sum(upcast, labels, self.ignore_index)
-        if self.z_loss_weight == 0.0:
-            return ce_sum, torch.zeros_like(ce_sum)
-        return ce_sum, z_loss_sum(upcast, labels, self.ignore_index)
+        sums = _compiled_plain_token_sums() if self.compile else plain_token_sums
+        return sums(logits, labels, self.ignore_index, self.z_loss_weight != 0.0)
 
     def __call__(
         self,
@@ -331,8 +354,13 @@ def build_loss_fn(
     aux_loss_weight: float,
     ponder_loss_weight: float,
     ignore_index: int = IGNORE_INDEX,
+    compile: bool = False,
 ) -> LossFn:
-    """Validate the loss options and return the ``LossFn`` (see its contract)."""
+    """Validate the loss options and return the ``LossFn`` (see its contract).
+
+    ``compile`` runs the plain (unchunked) cross-entropy through torch.compile;
+    the chunked path is its own memory-bounded autograd function and stays eager.
+    """
     if chunked and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 when chunked=True, got {chunk_size}")
     for arg, value in (
@@ -349,6 +377,7 @@ def build_loss_fn(
         aux_loss_weight=float(aux_loss_weight),
         ponder_loss_weight=float(ponder_loss_weight),
         ignore_index=ignore_index,
+        compile=compile and not chunked,
     )
     logger.info("loss: %s", loss_fn)
     return loss_fn

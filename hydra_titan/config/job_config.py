@@ -171,7 +171,8 @@ class Parallelism:
         -1, "shard degree; -1 = whatever is left of the world size", bounds=Range(ge=1, also=(-1,))
     )
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = opt(
-        "default", "free gathered parameters after forward"
+        "default", "free gathered parameters after forward; default: after every block but the last, "
+        "and never on a single rank (nothing to save there but a second copy in backward)"
     )
     init_mode: Literal["full", "sharded"] = opt(
         "full", "full: initialise an unsharded copy then shard it (identical weights in every layout, "
@@ -208,6 +209,8 @@ class Compile:
 
     enable: bool = opt(False, "compile each block with torch.compile")
     fullgraph: bool = opt(True, "require a single graph per block")
+    loss: bool = opt(True, "also compile the cross-entropy (fused: no fp32 copy of the logits); "
+                     "not with training.chunked_ce")
     inductor_options: dict[str, Any] = opt({}, "torch._inductor config passed to the block compiles, "
                                            "e.g. {coordinate_descent_tuning = true}")
 

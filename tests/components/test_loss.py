@@ -376,3 +376,28 @@ def test_grad_accumulation_ce_with_uneven_ignore_masks():
         logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
     torch.testing.assert_close(full_v, expected_mean.detach())
+
+
+# ------------------------------------------------------------- compiled plain CE
+
+
+@pytest.mark.parametrize("z", [0.0, 1e-3])
+def test_compiled_loss_matches_eager_in_value_and_gradient(z):
+    logits, labels = _data(dtype=torch.bfloat16)  # some labels ignored
+    outputs = {"aux_loss": torch.tensor(0.5), "ponder_loss": torch.tensor(0.25)}
+    results = []
+    for compile_ in (False, True):
+        loss_fn = build_loss_fn(chunked=False, chunk_size=4, z_loss_weight=z, aux_loss_weight=0.1,
+                                ponder_loss_weight=0.01, compile=compile_)
+        assert loss_fn.compile is compile_
+        leaf = logits.detach().clone().requires_grad_()
+        loss, parts = loss_fn({"logits": leaf, **outputs}, labels, count_target_tokens(labels))
+        loss.backward()
+        results.append((loss.detach(), parts["ce"], parts["z"], leaf.grad.float()))
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_does_not_apply_to_the_chunked_path():
+    assert not build_loss_fn(chunked=True, chunk_size=4, z_loss_weight=0.0, aux_loss_weight=1.0,
+                             ponder_loss_weight=0.0, compile=True).compile
