@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|ckpt
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|ckpt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -40,13 +40,18 @@ profile)
         -- --model.overrides.mod_capacity 1.0 --model.overrides.mor_capacities '[1.0,1.0,1.0,1.0]' 2>&1 \
         | grep "^| hydra" | sed 's/^/all capacities 1: /' | tee -a "$OUT/ablation.txt" ;;
 perf)
-    # the hydra step profile (device categories + host time), then both 1B models at two batch sizes
-    python3 scripts/profile_step.py --case hydra:1B --json "$OUT/profile_hydra_1B.json" 2>&1 \
-        | grep -v -i warn | tail -60 | tee "$OUT/profile.txt"
-    for b in 4 6; do
-        python3 scripts/benchmark.py --cases hydra:1B llama:1B --batch $b --steps 20 --warmup 8 \
-            --json "$OUT/bench_1B_b$b.json" 2>&1 | grep "^| [hl]" | tee -a "$OUT/bench_batch.txt"
-    done ;;
+    # where the time goes in both 1B steps (device categories, top kernels, host time), then tokens/s at batch 4
+    for case in hydra:1B llama:1B; do
+        python3 scripts/profile_step.py --case $case --json "$OUT/profile_${case/:/_}.json" 2>&1 \
+            | grep -v -i warn | tail -75 | tee -a "$OUT/profile.txt"
+    done
+    python3 scripts/benchmark.py --cases hydra:1B llama:1B --batch 4 --steps 20 --warmup 8 \
+        --json "$OUT/bench_1B_b4.json" 2>&1 | grep "^| [hl]\|peak\|Error" | tee -a "$OUT/bench_batch.txt" ;;
+batch-*)
+    # both 1B models at a larger local batch (selective AC)
+    B=${MODE#batch-}
+    python3 scripts/benchmark.py --cases hydra:1B llama:1B --batch $B --steps 20 --warmup 8 \
+        --json "$OUT/bench_1B_b$B.json" 2>&1 | grep "^| [hl]\|peak\|Error" | tee -a "$OUT/bench_batch.txt" ;;
 ckpt)
     # save (sync, then async) and resume the 1B flavor; quote save times and size
     D=/tmp/hydra_ckpt_1b
@@ -63,5 +68,5 @@ ckpt)
     fi
     python3 train.py "${common[@]}" --training.steps 4 --checkpoint.async_mode async --job.dump_folder "$D/async" \
         2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt" ;;
-*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|ckpt" >&2; exit 2 ;;
+*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|ckpt" >&2; exit 2 ;;
 esac

@@ -37,11 +37,12 @@ CATEGORIES = [
     ("attention", r"flash|fmha|cudnn.*attn|attention|sdpa|efficient_attention"),
     ("gemm", r"gemm|sm90_xmma|cutlass|matmul|mm_|_mm|wgmma|bmm|addmm|scaled_mm|nvjet|aten::mm\b"),
     ("topk/sort", r"topk|sort|radix|bitonic|segmented"),
+    ("fused reductions (triton)", r"^triton_(red|per)_"),
+    ("fused elementwise (triton)", r"^triton_|triton"),
     ("gather/scatter", r"gather|scatter|index|take_along|put_"),
     ("optimizer", r"adam|foreach|multi_tensor|_fused_adam"),
     ("copy/cast", r"copy|cast|convert|to_copy|memcpy|memset|fill"),
     ("norm", r"norm"),
-    ("fused elementwise (triton)", r"^triton_|triton"),
     ("elementwise (eager)", r"elementwise|vectorized|unrolled|reduce_kernel"),
 ]
 
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=100_352)
     parser.add_argument("--trace", default="", help="write a Chrome trace here")
     parser.add_argument("--json", default="", help="write the category summary here")
-    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--top", type=int, default=40)
     parser.add_argument("extra", nargs=argparse.REMAINDER)
     opts = parser.parse_args()
     extra = [a for a in opts.extra if a != "--"]
@@ -100,8 +101,10 @@ def main() -> None:
         prof.export_chrome_trace(opts.trace)
 
     on_gpu = torch.cuda.is_available()
+    # user annotations (e.g. "Optimizer.step#AdamW.step") also appear on the device timeline: not kernels
     kernels = [e for e in prof.events()
-               if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and (on_gpu or e.name.startswith("aten::"))]
+               if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and (on_gpu or e.name.startswith("aten::"))
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     by_cat: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     for e in kernels:
