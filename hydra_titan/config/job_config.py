@@ -223,6 +223,10 @@ class Float8:
     recipe: Literal["tensorwise", "rowwise"] = opt("tensorwise", "float8 scaling recipe")
     enable_fsdp_float8_all_gather: bool = opt(False, "all-gather FSDP parameters in float8 (tensorwise)")
     emulate: bool = opt(False, "emulate float8 math (for testing without float8 hardware)")
+    filter_fqns: list[str] = opt([], "name fragments of further linears to keep in bf16 (the model's own "
+                                 "skips, e.g. the LM head and routers, always apply)")
+    min_dim: int = opt(16, "keep linears whose smaller dimension is below this in bf16 (small GEMMs "
+                       "lose more to the casts than float8 gains)", bounds=POSITIVE)
 
 
 @dataclass

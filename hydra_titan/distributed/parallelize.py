@@ -39,7 +39,8 @@ def parallelize_decoder(model: nn.Module, *, parallel_dims: ParallelDims, mesh: 
     if cfg.float8.enable:
         convert_to_float8(model, recipe=cfg.float8.recipe, emulate=cfg.float8.emulate,
                           fsdp_float8_all_gather=cfg.float8.enable_fsdp_float8_all_gather,
-                          skip_fqns=options.float8_skip_fqns)
+                          skip_fqns=options.float8_skip_fqns + tuple(cfg.float8.filter_fqns),
+                          min_dim=cfg.float8.min_dim)
     apply_activation_checkpointing(model, cfg.activation_checkpoint.mode, options.ac_extra_save_ops)
     if cfg.compile.enable:
         apply_compile(model, fullgraph=cfg.compile.fullgraph, inductor_options=cfg.compile.inductor_options)

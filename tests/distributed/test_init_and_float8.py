@@ -78,6 +78,17 @@ def test_float8_rowwise_recipe_converts_too():
     assert len(converted) == 10
 
 
+def test_float8_min_dim_and_extra_filters_keep_small_and_named_linears_in_bf16():
+    """float8.min_dim / float8.filter_fqns: at dim 256 with two 64-wide query heads, `wo` (128 -> 256)
+    is below min_dim 256 and stays bf16, and so does what the extra filter names (w3)."""
+    pytest.importorskip("torchao")
+    model, spec = meta_hydra(dim=256, n_heads=2, head_dim=64)
+    converted = convert_to_float8(model, recipe="tensorwise", emulate=True, fsdp_float8_all_gather=False,
+                                  skip_fqns=spec.parallelize_options.float8_skip_fqns + ("w3",), min_dim=256)
+    assert sorted(converted) == [f"layers.{i}.mor.block.{part}" for i in range(2)
+                                 for part in ("attention.wqkv", "feed_forward.w1", "feed_forward.w2")]
+
+
 def test_float8_all_gather_needs_tensorwise():
     pytest.importorskip("torchao")
     model, spec = meta_hydra()
