@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|ckpt
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|ckpt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -24,10 +24,18 @@ bench-*)
         --ac selective --float8 none tensorwise --json "$OUT/bench_$FLAVOR.json" 2>&1 \
         | grep -v Warning | tail -30 | tee "$OUT/bench_$FLAVOR.txt" ;;
 fsdp2)
-    torchrun --nproc_per_node=2 scripts/benchmark.py --cases hydra:1B --steps 40 --warmup 10 \
-        --ac selective --json "$OUT/bench_fsdp2.json" 2>&1 | grep -v Warning | tail -30 | tee "$OUT/bench_fsdp2.txt"
-    python3 scripts/benchmark.py --cases hydra:1B --steps 40 --warmup 10 --ac selective \
-        --json "$OUT/bench_1gpu_same_host.json" 2>&1 | grep -v Warning | tail -12 | tee "$OUT/bench_1gpu.txt" ;;
+    # hydra 1B: FSDP over 2 GPUs vs 1 GPU of the same host, local batch $BATCH (default 8)
+    B=${BATCH:-8}
+    torchrun --nproc_per_node=2 scripts/benchmark.py --cases hydra:1B --batch $B --steps 30 --warmup 8 \
+        --ac selective --json "$OUT/bench_fsdp2.json" 2>&1 | grep "^| [hl]\|Error" | tee "$OUT/bench_fsdp2.txt"
+    python3 scripts/benchmark.py --cases hydra:1B --batch $B --steps 30 --warmup 8 --ac selective \
+        --json "$OUT/bench_1gpu_same_host.json" 2>&1 | grep "^| [hl]\|Error" | tee "$OUT/bench_1gpu.txt" ;;
+float8-*)
+    # bf16 vs tensorwise vs rowwise float8 for both 1B models at local batch N
+    B=${MODE#float8-}
+    python3 scripts/benchmark.py --cases llama:1B hydra:1B --batch $B --steps 20 --warmup 8 \
+        --float8 none tensorwise rowwise --json "$OUT/bench_float8_b$B.json" 2>&1 \
+        | grep "^| [hl]\|Error" | tee "$OUT/bench_float8.txt" ;;
 profile)
     # where the time goes (per category), and what routing costs: same model without MoD / with dense recursions
     for case in hydra:1B llama:1B; do
@@ -68,5 +76,5 @@ ckpt)
     fi
     python3 train.py "${common[@]}" --training.steps 4 --checkpoint.async_mode async --job.dump_folder "$D/async" \
         2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt" ;;
-*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|ckpt" >&2; exit 2 ;;
+*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|float8-<n>|ckpt" >&2; exit 2 ;;
 esac
