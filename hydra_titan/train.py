@@ -90,6 +90,11 @@ class Trainer:
         self.train_loader = self._build_loader("train")
         self.val_loader = (self._build_loader("val")
                            if cfg.validation.enable and cfg.data.val_fraction > 0 else None)
+        if self.val_loader is not None and len(self.val_loader) == 0:
+            # reporting a loss over zero tokens would print 0.0 as if it were one
+            logger.warning("validation is off: the validation split holds less than one global batch "
+                           "(raise data.val_fraction, or lower training.seq_len / local_batch_size)")
+            self.val_loader = None
         self.spec = get_model_spec(cfg.model.name)
         self.model_args = resolve_model_args(self.spec, cfg, self.tokenizer)
         with torch.device("meta"):

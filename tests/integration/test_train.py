@@ -58,6 +58,14 @@ def test_bad_model_or_data_settings_fail_at_start_up(tmp_path, args, needle):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_validation_split_smaller_than_a_batch_turns_validation_off(tmp_path):
+    proc = run_train(["--training.steps", "2", "--data.val_fraction", "0.0001",
+                      "--training.local_batch_size", "4"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "validation is off" in proc.stdout + proc.stderr
+    assert not any("validation/loss" in r for r in read_metrics(tmp_path))
+
+
 def test_short_run_writes_metrics_tensorboard_and_config(tmp_path):
     proc = run_train(["--training.steps", "5"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
