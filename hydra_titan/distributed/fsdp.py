@@ -22,8 +22,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "bfloat
     block_mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype],
                                     cast_forward_inputs=False)
     if reshard_after_forward == "default" and mesh.size() == 1:
-        # one rank: resharding frees only the bf16 copy of the weights and costs a second
-        # cast + copy of every weight in backward (~5 % of a 1B llama step on an H100)
+        # one rank: resharding frees only the bf16 copy of the weights, and backward then
+        # pays a second cast + copy of every weight to gather them again
         reshard_after_forward = "never"
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
+from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
+                      topk_indices)
 
 # inner(x_sel, positions_sel, valid) -> (residual update, stats of the inner block)
 InnerFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]

@@ -24,7 +24,8 @@ from torch import nn
 
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
-from .routing import gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices, topk_indices
+from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
+                      topk_indices)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
