@@ -35,6 +35,8 @@ from hydra_titan.train import Trainer  # noqa: E402
 CATEGORIES = [
     ("communication", r"nccl|all_gather|reduce_scatter|all_reduce|c10d"),
     ("attention", r"flash|fmha|cudnn.*attn|attention|sdpa|efficient_attention"),
+    # inductor names a kernel after every op it fused: a float8 cast feeding _scaled_mm is not a GEMM
+    ("float8 amax / scale / cast (triton)", r"^triton_.*(abs_.*max|amax|reciprocal|_scaled_mm)"),
     ("gemm", r"gemm|sm90_xmma|cutlass|matmul|mm_|_mm|wgmma|bmm|addmm|scaled_mm|nvjet|aten::mm\b"),
     ("topk/sort", r"topk|sort|radix|bitonic|segmented"),
     ("fused reductions (triton)", r"^triton_(red|per)_"),
