@@ -21,6 +21,7 @@ def default_save_ops() -> set[Any]:
     aten = torch.ops.aten
     return {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
             aten._scaled_mm.default,  # float8 GEMMs (torchao): recomputing them would undo their gain
+            aten.max.default,  # float8 tensorwise amax: a scalar, whose recompute is a full pass over its input
             aten._scaled_dot_product_efficient_attention.default,
             aten._scaled_dot_product_flash_attention.default,
             aten._scaled_dot_product_cudnn_attention.default,

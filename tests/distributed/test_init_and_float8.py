@@ -95,3 +95,39 @@ def test_float8_all_gather_needs_tensorwise():
     with pytest.raises(ValueError, match="tensorwise"):
         convert_to_float8(model, recipe="rowwise", emulate=True, fsdp_float8_all_gather=True,
                           skip_fqns=spec.parallelize_options.float8_skip_fqns)
+
+
+def _aten_calls_in_step(model: nn.Module, op) -> int:
+    """How many times `op` runs in one forward + backward of `model`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is op
+            return func(*args, **(kwargs or {}))
+
+    tokens = torch.randint(0, model.args.vocab_size, (2, 32))
+    with Count():
+        model(tokens)["logits"].float().square().mean().backward()
+    return Count.calls
+
+
+def test_selective_ac_does_not_recompute_float8_amax():
+    """The tensorwise amax (aten.max) is saved by selective AC: backward recomputes no amax pass."""
+    pytest.importorskip("torchao")
+    from hydra_titan.distributed.activation_checkpoint import apply_activation_checkpointing
+
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model, spec = meta_hydra()
+        convert_to_float8(model, recipe="tensorwise", emulate=True, fsdp_float8_all_gather=False,
+                          skip_fqns=spec.parallelize_options.float8_skip_fqns)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        apply_activation_checkpointing(model, mode)
+        counts[mode] = _aten_calls_in_step(model, torch.ops.aten.max.default)
+    assert counts["none"] > 0
+    assert counts["selective"] == counts["none"] < counts["full"]
