@@ -53,20 +53,23 @@ def measure_gemm_peak(device: torch.device, n: int = 8192, iters: int = 20) -> f
     return 2 * n ** 3 * iters / (time.perf_counter() - start)
 
 
-def case_argv(model: str, flavor: str, opts, *, compile_: bool, ac: str, float8: str) -> list[str]:
-    argv = ["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(opts.seq_len),
-            "--training.local_batch_size", str(opts.batch), "--training.steps", str(opts.warmup + opts.steps),
-            "--training.mixed_precision_param", opts.dtype, "--activation_checkpoint.mode", ac,
+def trainer_argv(model: str, flavor: str, *, seq_len: int, batch: int, steps: int, ac: str, compile_: bool,
+                 float8: str = "none", fsdp_float8_all_gather: bool = False, dtype: str = "bfloat16",
+                 vocab_size: int = 100_352, dump_folder: str = "/tmp/hydra_titan_benchmark") -> list[str]:
+    """Trainer overrides for a synthetic-token run of one case (shared with profile_step.py)."""
+    argv = ["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(seq_len),
+            "--training.local_batch_size", str(batch), "--training.steps", str(steps),
+            "--training.mixed_precision_param", dtype, "--activation_checkpoint.mode", ac,
             "--compile.enable", str(compile_).lower(), "--validation.enable", "false",
-            "--metrics.enable_tensorboard", "false", "--job.dump_folder", opts.dump_folder,
+            "--metrics.enable_tensorboard", "false", "--job.dump_folder", dump_folder,
             "--lr_scheduler.warmup_steps", "10", "--data.val_fraction", "0",
             # the flavor's real vocabulary (the built-in tokenizer only feeds the loader)
-            "--model.overrides.vocab_size", str(opts.vocab_size)]
+            "--model.overrides.vocab_size", str(vocab_size)]
     if float8 != "none":
         argv += ["--float8.enable", "true", "--float8.recipe", float8]
-        if float8 == "tensorwise" and opts.fsdp_float8_all_gather:
+        if float8 == "tensorwise" and fsdp_float8_all_gather:
             argv += ["--float8.enable_fsdp_float8_all_gather", "true"]
-    return argv + opts.extra
+    return argv
 
 
 def run_case(argv: list[str], opts, device: torch.device) -> dict:
@@ -143,7 +146,10 @@ def main() -> None:
     rows = []
     for case, compile_, ac, float8 in itertools.product(opts.cases, opts.compile, opts.ac, opts.float8):
         model, flavor = case.split(":")
-        argv = case_argv(model, flavor, opts, compile_=compile_ == "on", ac=ac, float8=float8)
+        argv = trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=opts.warmup + opts.steps,
+                            ac=ac, compile_=compile_ == "on", float8=float8,
+                            fsdp_float8_all_gather=opts.fsdp_float8_all_gather, dtype=opts.dtype,
+                            vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + opts.extra
         label = {"model": model, "flavor": flavor, "compile": compile_, "ac": ac, "float8": float8}
         try:
             row = {**label, **run_case(argv, opts, device)}

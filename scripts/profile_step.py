@@ -26,6 +26,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark import trainer_argv  # noqa: E402
 
 from hydra_titan.config import load_config  # noqa: E402
 from hydra_titan.distributed.utils import init_distributed, resolve_device_type  # noqa: E402
@@ -81,12 +84,9 @@ def main() -> None:
 
     init_distributed(resolve_device_type("auto"))
     model, flavor = opts.case.split(":")
-    cfg = load_config(["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(opts.seq_len),
-                       "--training.local_batch_size", str(opts.batch), "--activation_checkpoint.mode", opts.ac,
-                       "--compile.enable", str(opts.compile == "on").lower(), "--validation.enable", "false",
-                       "--metrics.enable_tensorboard", "false", "--data.val_fraction", "0",
-                       "--training.steps", "1000", "--job.dump_folder", "/tmp/hydra_titan_profile",
-                       "--model.overrides.vocab_size", str(opts.vocab_size), *extra])
+    cfg = load_config(trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=1000, ac=opts.ac,
+                                   compile_=opts.compile == "on", vocab_size=opts.vocab_size,
+                                   dump_folder="/tmp/hydra_titan_profile") + extra)
     trainer = Trainer(cfg)
     tokens = torch.randint(0, trainer.model_args.vocab_size, (opts.batch, opts.seq_len + 1))
     batch = [(tokens[:, :-1], tokens[:, 1:])]
