@@ -12,12 +12,9 @@ output folder.
 """
 
 import dataclasses
-import datetime
 import difflib
 import logging
-import math
 import os
-import re
 import sys
 import typing
 from pathlib import Path
@@ -38,6 +35,7 @@ from hydra_titan.config.job_config import (
     type_name,
     validate_config,
 )
+from hydra_titan.config.toml_writer import to_toml, toml_value
 
 __all__ = [
     "ConfigError",
@@ -144,7 +142,7 @@ def format_help() -> str:
             tp = types[f.name]
             choices = allowed_values(tp)
             kind = "{" + "|".join(choices) + "}" if choices else type_name(tp)
-            default = _toml_value(getattr(defaults, f.name))
+            default = toml_value(getattr(defaults, f.name))
             extra = f" ({f.metadata['bounds'].describe()})" if f.metadata.get("bounds") else ""
             lines.append(f"  --{section_name}.{f.name} {kind} = {default}")
             lines.append(f"      {f.metadata.get('help', '')}{extra}")
@@ -359,58 +357,3 @@ def _bare_name_message(name: str) -> str:
     owners = [f"{section}.{name}" for section, cls in section_types().items() if name in field_types(cls)]
     hint = f"; did you mean --{owners[0]}?" if owners else ""
     return f"unknown option '--{name}' {_CMDLINE}: options are --section.key{hint}"
-
-
-# ---------------------------------------------------------------------------
-# A small TOML writer (only what a JobConfig holds)
-# ---------------------------------------------------------------------------
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def to_toml(data: dict[str, dict[str, Any]]) -> str:
-    """Serialise section -> key -> value as TOML; tables become inline tables."""
-    out: list[str] = []
-    for section, values in data.items():
-        out.append(f"[{_toml_key(section)}]")
-        out.extend(f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items())
-        out.append("")
-    return "\n".join(out)
-
-
-def _toml_key(key: Any) -> str:
-    if not isinstance(key, str):
-        raise ConfigError(f"cannot write a non-string TOML key: {key!r}")
-    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
-
-
-def _toml_string(text: str) -> str:
-    chars = (
-        _ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text
-    )
-    return '"' + "".join(chars) + '"'
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
