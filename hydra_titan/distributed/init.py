@@ -21,11 +21,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 def init_model_weights(model: nn.Module, *, build_unsharded: Callable[[], nn.Module], device: torch.device,
                        mode: str, seed: int) -> None:
-    model.init_weights(buffer_device=device)  # buffers (e.g. the RoPE table) and, in sharded mode, weights
     if mode == "sharded":
+        model.init_weights(buffer_device=device)
         return
     if mode != "full":
         raise ValueError(f"parallelism.init_mode must be full | sharded, got {mode!r}")
+    model.init_buffers(device)  # the weights come from the twin below
     with torch.device("meta"):
         twin = build_unsharded()
     twin.to_empty(device=device)

@@ -23,7 +23,7 @@ from .parallel_dims import ParallelDims
 
 logger = logging.getLogger(__name__)
 
-DECODER_CONTRACT = ("tok_embeddings", "layers", "norm", "output", "init_weights")
+DECODER_CONTRACT = ("tok_embeddings", "layers", "norm", "output", "init_weights", "init_buffers")
 
 
 def check_decoder_contract(model: nn.Module) -> None:

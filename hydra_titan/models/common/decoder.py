@@ -33,11 +33,15 @@ class Decoder(nn.Module):
         self.register_buffer("rope_cache", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta),
                              persistent=False)
 
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent buffers (the RoPE table), which no checkpoint holds."""
+        device = device if device is not None else self.rope_cache.device
+        self.rope_cache = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
+
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
         """Initialise every parameter and buffer (models are built on the meta device)."""
-        device = buffer_device if buffer_device is not None else self.rope_cache.device
-        self.rope_cache = rope_cache(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device)
+        self.init_buffers(buffer_device)
         nn.init.normal_(self.tok_embeddings.weight)
         out_std = INIT_STD / math.sqrt(2 * self.residual_depth)
         for layer in self.layers.values():
