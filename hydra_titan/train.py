@@ -164,7 +164,7 @@ class Trainer:
             outputs = self.model(inputs.to(self.device, non_blocking=True))
             loss, parts = self.loss_fn(outputs, labels, global_tokens)
             (loss * dp_scale).backward()
-            for key, value in parts.items():
+            for key, value in {"total": loss.detach(), **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0) + value
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
         self.optimizer.step()
@@ -244,12 +244,10 @@ class Trainer:
         return 0
 
     def _log_step(self, step: int, result: dict, throughput: Throughput) -> None:
-        parts = {k: all_reduce(v).item() for k, v in result["parts"].items()}
-        loss = parts["ce"] + self.cfg.training.aux_loss_weight * parts.get("aux", 0.0) \
-            + self.cfg.training.ponder_loss_weight * parts.get("ponder", 0.0) \
-            + self.cfg.training.z_loss_weight * parts.get("z", 0.0)
+        parts = {k: all_reduce(v).item() for k, v in result["parts"].items()}  # the loss function's own total
+        loss = parts["total"]
         speed = throughput.read()
-        scalars = {"loss/total": loss, **{f"loss/{k}": v for k, v in parts.items()},
+        scalars = {**{f"loss/{k}": v for k, v in parts.items()},
                    "grad_norm": result["grad_norm"].item(), "lr": self.lr_scheduler.get_last_lr()[0],
                    "throughput/tokens_per_sec_per_device": speed["tokens_per_sec"],
                    "throughput/tflops_per_device": speed["tflops"],
