@@ -28,7 +28,7 @@ from .components.metrics import MetricsLogger, Throughput, peak_flops, peak_memo
 from .components.optimizer import build_optimizer
 from .components.tokenizer import Tokenizer, build_tokenizer
 from .config import ConfigError, JobConfig, parse_or_exit, save_config
-from .distributed import (ParallelDims, all_reduce, clip_grad_norm_, init_distributed, parallelize_decoder,
+from .distributed import (DistInfo, ParallelDims, all_reduce, clip_grad_norm_, init_distributed, parallelize_decoder,
                           resolve_device_type, shutdown_and_exit)
 from .distributed.compile import eager_eval
 from .distributed.float8 import precompute_float8_scales
@@ -71,10 +71,12 @@ def resolve_model_args(spec: ModelSpec, cfg: JobConfig, tokenizer: Tokenizer) ->
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, dist: DistInfo | None = None):
+        """`dist`: the process group an earlier Trainer of this process joined (benchmarks build one
+        Trainer per case); None joins torchrun's group, or forms a 1-rank one."""
         self.cfg = cfg
         device_type = resolve_device_type(cfg.training.device)
-        self.dist = init_distributed(device_type)
+        self.dist = dist if dist is not None else init_distributed(device_type)
         self.device = self.dist.device
         self.is_rank0 = self.dist.rank == 0
         self.dump_folder = Path(cfg.job.dump_folder)

@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra_titan.components.metrics import peak_flops  # noqa: E402
 from hydra_titan.config import load_config  # noqa: E402
-from hydra_titan.distributed.utils import all_reduce, init_distributed, resolve_device_type  # noqa: E402
+from hydra_titan.distributed.utils import (DistInfo, all_reduce, init_distributed, resolve_device_type,  # noqa: E402
+                                           shutdown_and_exit)
 from hydra_titan.train import Trainer  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -72,9 +72,10 @@ def trainer_argv(model: str, flavor: str, *, seq_len: int, batch: int, steps: in
     return argv
 
 
-def run_case(argv: list[str], opts, device: torch.device) -> dict:
+def run_case(argv: list[str], opts, dist_info: DistInfo, peak: float | None) -> dict:
+    device = dist_info.device
     cfg = load_config(argv)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dist=dist_info)
     vocab = trainer.model_args.vocab_size
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (opts.batch, opts.seq_len + 1), generator=gen) for _ in range(4)]
@@ -94,7 +95,6 @@ def run_case(argv: list[str], opts, device: torch.device) -> dict:
             losses.append(all_reduce(result["parts"]["ce"]).item())  # each rank holds its share of the mean
     step_s = sorted(times[opts.warmup:])[len(times[opts.warmup:]) // 2]  # median: robust to stragglers
     tps = opts.batch * opts.seq_len / step_s
-    peak = peak_flops(device)
     row = {"tokens_per_sec_per_device": tps, "step_ms": 1e3 * step_s,
            "tflops_exec": tps * trainer.flops.executed / 1e12, "tflops_dense": tps * trainer.flops.dense / 1e12,
            "mfu_exec_pct": 100 * tps * trainer.flops.executed / peak if peak else float("nan"),
@@ -131,9 +131,8 @@ def main() -> None:
     opts.extra = [a for a in opts.extra if a != "--"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    device = init_distributed(resolve_device_type("auto")).device
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist_info = init_distributed(resolve_device_type("auto"))  # one group, shared by every case's Trainer
+    device, rank0, world = dist_info.device, dist_info.rank == 0, dist_info.world_size
     gemm = measure_gemm_peak(device)
     spec_peak = peak_flops(device)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -152,7 +151,7 @@ def main() -> None:
                             vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + opts.extra
         label = {"model": model, "flavor": flavor, "compile": compile_, "ac": ac, "float8": float8}
         try:
-            row = {**label, **run_case(argv, opts, device)}
+            row = {**label, **run_case(argv, opts, dist_info, spec_peak)}
         except Exception as e:  # keep going: one failing case must not hide the others
             logger.exception("case %s failed", label)
             row = {**label, "error": f"{type(e).__name__}: {e}"}
@@ -172,9 +171,7 @@ def main() -> None:
             cells = [row.get(c, row.get("error", "")) for c in cols]
             print("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
         Path(opts.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    shutdown_and_exit(0)
 
 
 if __name__ == "__main__":

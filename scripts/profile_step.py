@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import trainer_argv  # noqa: E402
 
 from hydra_titan.config import load_config  # noqa: E402
-from hydra_titan.distributed.utils import init_distributed, resolve_device_type  # noqa: E402
+from hydra_titan.distributed.utils import shutdown_and_exit  # noqa: E402
 from hydra_titan.train import Trainer  # noqa: E402
 
 # first match wins: (category, regex over the kernel / op name)
@@ -82,7 +81,6 @@ def main() -> None:
     opts = parser.parse_args()
     extra = [a for a in opts.extra if a != "--"]
 
-    init_distributed(resolve_device_type("auto"))
     model, flavor = opts.case.split(":")
     cfg = load_config(trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=1000, ac=opts.ac,
                                    compile_=opts.compile == "on", vocab_size=opts.vocab_size,
@@ -129,9 +127,7 @@ def main() -> None:
                                                "kernels_per_step": len(kernels) / opts.steps,
                                                "categories": {k: v / 1e3 / opts.steps for k, v in by_cat.items()}},
                                               indent=2))
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    shutdown_and_exit(0)
 
 
 if __name__ == "__main__":
