@@ -161,10 +161,14 @@ class Trainer:
         # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it
         dp_scale = float(self.parallel_dims.dp_world_size)
         parts_sum: dict[str, torch.Tensor] = {}
-        outputs: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
         for (inputs, _), labels in zip(micro_batches, labels_all):
             outputs = self.model(inputs.to(self.device, non_blocking=True))
             loss, parts = self.loss_fn(outputs, labels, global_tokens)
+            # keep the routing statistics, not the [B, S, V] logits: held by the returned result,
+            # they would stay allocated through the next micro-batch or step
+            stats = {k: v.detach() for k, v in outputs.items() if k != "logits"}
+            del outputs
             (loss * dp_scale).backward()
             for key, value in {"total": loss.detach(), **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0) + value
@@ -174,7 +178,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.float8.enable and self.cfg.float8.enable_fsdp_float8_all_gather:
             precompute_float8_scales(self.model)
-        return {"parts": parts_sum, "grad_norm": grad_norm, "outputs": outputs}
+        return {"parts": parts_sum, "grad_norm": grad_norm, "stats": stats}
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -257,7 +261,7 @@ class Trainer:
         if "mfu" in speed:
             scalars["throughput/mfu_pct"] = speed["mfu"]
         if step % self.cfg.metrics.routing_stats_freq == 0 or step == 1:
-            scalars.update(routing_scalars(result["outputs"]))
+            scalars.update(routing_scalars(result["stats"]))
         self.metrics.log(step, scalars)
         mfu = f"  mfu {speed['mfu']:.1f}%" if "mfu" in speed else ""
         logger.info("step %5d  loss %.4f (ce %.4f aux %.4g ponder %.4g)  grad_norm %.3f  lr %.3e  "
