@@ -209,8 +209,6 @@ class Trainer:
 
         The flag is reduced over the CPU (gloo) group: no device sync in the step loop.
         """
-        if self.dist.world_size == 1:
-            return self._stop_signal is not None
         flag = torch.tensor([0 if self._stop_signal is None else 1], dtype=torch.int32)
         return bool(all_reduce(flag, "max", group=self.dist.cpu_group).item())
 

@@ -56,7 +56,8 @@ def init_distributed(device_type: str, timeout_s: int = 600) -> DistInfo:
         if device_type == "cuda":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
-    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    # all_reduce returns at once on one rank, so a single process needs no second group
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" and dist.get_world_size() > 1 else None
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device,
                     cpu_group=cpu_group)
 
@@ -94,10 +95,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torc
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
-    """Out-of-place all-reduce over the world (sum | max | avg), for logging and token counts."""
+    """Out-of-place all-reduce over the world (sum | max), for logging and token counts."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
     out = tensor.detach().clone()
-    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.SUM}[op]
-    dist.all_reduce(out, op=reduce_op, group=group)
-    return out / dist.get_world_size() if op == "avg" else out
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    return out
