@@ -172,7 +172,7 @@ class Parallelism:
     )
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = opt(
         "default", "free gathered parameters after forward; default: after every block but the last, "
-        "and never on a single rank (nothing to save there but a second copy in backward)"
+        "and never when the shard group is one rank (nothing to save there but a second copy in backward)"
     )
     init_mode: Literal["full", "sharded"] = opt(
         "full", "full: initialise an unsharded copy then shard it (identical weights in every layout, "

@@ -21,9 +21,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "bfloat
     # their inputs keeps the fp32 RoPE table that is passed to every block in fp32.
     block_mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype],
                                     cast_forward_inputs=False)
-    if reshard_after_forward == "default" and mesh.size() == 1:
-        # one rank: resharding frees only the bf16 copy of the weights, and backward then
-        # pays a second cast + copy of every weight to gather them again
+    if reshard_after_forward == "default" and mesh.shape[-1] == 1:
+        # shard groups of one rank (one process, or HSDP with dp_shard = 1): resharding frees only the
+        # bf16 copy of the weights, and backward then pays a second cast + copy to gather them again
         reshard_after_forward = "never"
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
