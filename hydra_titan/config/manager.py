@@ -44,7 +44,6 @@ __all__ = [
     "load_config",
     "parse_or_exit",
     "save_config",
-    "to_toml",
 ]
 
 logger = logging.getLogger(__name__)

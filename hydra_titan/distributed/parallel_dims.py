@@ -16,7 +16,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 class ParallelDims:
     dp_replicate: int
     dp_shard: int
-    world_size: int
 
     @classmethod
     def resolve(cls, dp_replicate: int, dp_shard: int, world_size: int) -> "ParallelDims":
@@ -31,7 +30,7 @@ class ParallelDims:
         if dp_shard < 1 or dp_replicate * dp_shard != world_size:
             raise ValueError(f"parallelism.dp_replicate ({dp_replicate}) x parallelism.dp_shard ({dp_shard}) "
                              f"must equal the world size ({world_size})")
-        return cls(dp_replicate, dp_shard, world_size)
+        return cls(dp_replicate, dp_shard)
 
     @property
     def dp_world_size(self) -> int:
