@@ -63,7 +63,7 @@ class MoDRouter(nn.Module):
         if mode == "topk":
             target = torch.zeros_like(logits).scatter(1, idx, 1.0)
             stats["mod_aux"] = F.binary_cross_entropy_with_logits(logits, target)
-            stats["mod_frac"] = logits.new_tensor(idx.shape[1] / x.shape[1])
+            stats["mod_frac"] = logits.new_full((), idx.shape[1] / x.shape[1])  # a fill, no host-to-device copy
         else:
             stats["mod_aux"] = logits.new_zeros(())
             stats["mod_frac"] = (logits > 0).float().mean()

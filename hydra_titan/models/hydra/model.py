@@ -33,8 +33,7 @@ class HydraLayer(nn.Module):
                 rope: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.mod is None:
             delta, stats = self.mor(x, positions, rope)
-            stats["mod_frac"] = x.new_ones((), dtype=torch.float32)
-            stats["mod_aux"] = x.new_zeros((), dtype=torch.float32)
+            stats["mod_frac"] = x.new_ones((), dtype=torch.float32)  # no "mod_aux": there is no MoD router
             return x + delta, stats
         return self.mod(x, positions, lambda xs, ps, valid: self.mor(xs, ps, rope, valid))
 
@@ -63,8 +62,9 @@ class HydraModel(Decoder):
         def stack(key: str) -> torch.Tensor:
             return torch.stack([s[key] for s in per_layer])
 
-        mod_aux = stack("mod_aux")[self.mod_layer_ids].mean() if self.mod_layer_ids else stack("mod_aux").sum()
         mor_aux, mor_z = stack("mor_aux").mean(), stack("mor_z").mean()
+        mod_terms = [s["mod_aux"] for s in per_layer if "mod_aux" in s]  # MoD layers only
+        mod_aux = torch.stack(mod_terms).mean() if mod_terms else mor_aux.new_zeros(())
         weighted = ((self.args.mod_aux_weight_value, mod_aux), (self.args.mor_aux_weight, mor_aux),
                     (self.args.mor_z_loss_weight, mor_z))
         # zero-weight terms are left out, not multiplied by 0: no backward kernels for them

@@ -140,7 +140,8 @@ class MoRBlock(nn.Module):
             kept.append(min(kept[-1], static_capacity(cap, n_tokens)))
         kept.append(0)
         hist = [(kept[d] - kept[d + 1]) / n_tokens for d in range(self.recursions + 1)]
-        return torch.tensor(hist, device=device, dtype=torch.float32)
+        # fills, not torch.tensor(list, device=...): that is a blocking host-to-device copy in eager mode
+        return torch.stack([torch.full((), h, device=device, dtype=torch.float32) for h in hist])
 
     def _depth_histogram(self, depth: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Fraction of (valid) tokens that ran 0..R recursions: [R + 1]."""
