@@ -122,14 +122,13 @@ class Tokenizer:
         )
         self._bos_id = specials[BOS_TOKEN]
         self._eos_id = specials[eos_token]
-        self._n_words = max([*mergeable_ranks.values(), *specials.values()]) + 1
         digest = hashlib.sha256(f"{fingerprint}|{pat_str}|{sorted(specials.items())}".encode())
         self.fingerprint = digest.hexdigest()
 
     @property
     def n_words(self) -> int:
         """Vocabulary size including special tokens (the model's embedding rows)."""
-        return self._n_words
+        return self._encoding.n_vocab
 
     @property
     def bos_id(self) -> int:
