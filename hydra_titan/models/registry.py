@@ -46,7 +46,7 @@ class ModelSpec:
     args_cls: type
     flavors: dict[str, Any]
     flops_per_token: Callable[[Any, int], FlopCount]
-    param_report: Callable[[Any], ParamReport]
+    param_report: Callable[[Any, int], ParamReport]
     parallelize_options: ParallelizeOptions = field(default_factory=ParallelizeOptions)
     # None: the shared `hydra_titan.distributed.parallelize` (every model keeps the decoder contract)
     parallelize_fn: Callable[..., nn.Module] | None = None
@@ -73,9 +73,7 @@ def register_model_spec(spec: ModelSpec) -> ModelSpec:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    # importing the package registers the built-in families
-    from . import hydra, llama  # noqa: F401
-
+    # the built-in families are registered by importing hydra_titan.models (which this module is part of)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -83,6 +81,4 @@ def get_model_spec(name: str) -> ModelSpec:
 
 
 def registered_models() -> list[str]:
-    from . import hydra, llama  # noqa: F401
-
     return sorted(_REGISTRY)
