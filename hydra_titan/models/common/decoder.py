@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .init import trunc_normal_
 from .norms import RMSNorm
 from .rope import rope_cache
 from .validation import check_token_ids
@@ -48,7 +49,7 @@ class Decoder(nn.Module):
             layer.init_weights(INIT_STD, out_std)
         self.norm.reset_parameters()
         final_std = self.args.dim ** -0.5
-        nn.init.trunc_normal_(self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std)
+        trunc_normal_(self.output.weight, final_std)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked token embeddings and the position ids (0..S-1 unless given)."""

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import trunc_normal_
+
 
 def swiglu_hidden_dim(dim: int, multiplier: float = 1.0, multiple_of: int = 256) -> int:
     """Llama's rule: 2/3 of 4*dim (same params as a 4*dim GELU MLP), scaled, rounded up."""
@@ -28,6 +30,6 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        trunc_normal_(self.w1.weight, init_std)
         for w in (self.w2, self.w3):
-            nn.init.trunc_normal_(w.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            trunc_normal_(w.weight, out_std)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.init import trunc_normal_
 from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
                       topk_indices)
 
@@ -82,4 +83,4 @@ class MoDRouter(nn.Module):
         return x + (weight.unsqueeze(-1) * delta).to(x.dtype), stats
 
     def init_weights(self, init_std: float) -> None:
-        nn.init.trunc_normal_(self.router.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+        trunc_normal_(self.router.weight, init_std)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.init import trunc_normal_
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
 from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
@@ -176,5 +177,5 @@ class MoRBlock(nn.Module):
     def init_weights(self, init_std: float, out_std: float) -> None:
         self.block.init_weights(init_std, out_std)
         for router in self.routers:
-            nn.init.trunc_normal_(router.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
-        nn.init.trunc_normal_(self.recursion_emb, std=init_std, a=-3 * init_std, b=3 * init_std)
+            trunc_normal_(router.weight, init_std)
+        trunc_normal_(self.recursion_emb, init_std)

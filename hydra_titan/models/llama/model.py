@@ -13,6 +13,7 @@ from torch import nn
 from ..common.attention import get_attention_backend
 from ..common.decoder import Decoder
 from ..common.ffn import SwiGLU
+from ..common.init import trunc_normal_
 from ..common.norms import RMSNorm
 from ..common.rope import apply_rope
 from .args import LlamaModelArgs
@@ -36,8 +37,8 @@ class GQAttention(nn.Module):
         return self.wo(out.reshape(bsz, seq_len, self.q_dim))
 
     def init_weights(self, init_std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.wqkv.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        trunc_normal_(self.wqkv.weight, init_std)
+        trunc_normal_(self.wo.weight, out_std)
 
 
 class TransformerBlock(nn.Module):
