@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .components.checkpoint import CheckpointManager
-from .components.dataloader import build_dataloader
+from .components.dataloader import PackedWindows, TokenDataLoader, load_windows, split_loader
 from .components.loss import build_loss_fn, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler, fit_warmup
 from .components.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, routing_scalars
@@ -89,9 +89,12 @@ class Trainer:
 
         self.tokenizer = build_tokenizer(cfg.tokenizer.name)
         # data before the model: a bad path or source fails in seconds, not after materialising weights
-        self.train_loader = self._build_loader("train")
-        self.val_loader = (self._build_loader("val")
-                           if cfg.validation.enable and cfg.data.val_fraction > 0 else None)
+        d = cfg.data
+        windows = load_windows(source=d.source, path=d.path, tokenizer=self.tokenizer, seq_len=cfg.training.seq_len,
+                               text_field=d.text_field, hf_name=d.hf_name, hf_split=d.hf_split)  # once, both splits
+        self.train_loader = self._split_loader(windows, "train")
+        self.val_loader = (self._split_loader(windows, "val")
+                           if cfg.validation.enable and d.val_fraction > 0 else None)
         if self.val_loader is not None and len(self.val_loader) == 0:
             # reporting a loss over zero tokens would print 0.0 as if it were one
             logger.warning("validation is off: the validation split holds less than one global batch "
@@ -145,13 +148,10 @@ class Trainer:
             save_config(cfg, self.dump_folder / "config.toml")
         self._stop_signal: int | None = None
 
-    def _build_loader(self, split: str):
-        d = self.cfg.data
-        return build_dataloader(source=d.source, path=d.path, tokenizer=self.tokenizer,
-                                seq_len=self.cfg.training.seq_len, local_batch_size=self.cfg.training.local_batch_size,
-                                dp_rank=self.dist.rank, dp_world_size=self.parallel_dims.dp_world_size, split=split,
-                                val_fraction=d.val_fraction, seed=self.cfg.job.seed, text_field=d.text_field,
-                                hf_name=d.hf_name, hf_split=d.hf_split)
+    def _split_loader(self, windows: PackedWindows, split: str) -> TokenDataLoader:
+        return split_loader(windows, split=split, val_fraction=self.cfg.data.val_fraction,
+                            local_batch_size=self.cfg.training.local_batch_size, dp_rank=self.dist.rank,
+                            dp_world_size=self.parallel_dims.dp_world_size, seed=self.cfg.job.seed)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

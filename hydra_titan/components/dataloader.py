@@ -29,7 +29,8 @@ from hydra_titan.components.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DATA_SOURCES", "IndexPermutation", "PackedWindows", "TokenDataLoader", "build_dataloader"]
+__all__ = ["DATA_SOURCES", "IndexPermutation", "PackedWindows", "TokenDataLoader", "build_dataloader", "load_windows",
+           "split_loader"]
 
 DATA_SOURCES = ("demo", "text", "shards", "hf")
 SPLITS = ("train", "val")
@@ -273,6 +274,60 @@ def _load_shards(
     ]
 
 
+def load_windows(
+    *,
+    source: str,
+    path: str,
+    tokenizer: Tokenizer | str,
+    seq_len: int,
+    text_field: str = "text",
+    hf_name: str = "",
+    hf_split: str = "train",
+    cache_dir: str | Path | None = None,
+) -> PackedWindows:
+    """Open (tokenizing and caching on first use) one source as windows of ``seq_len + 1`` tokens.
+
+    ``source`` is ``demo`` (built-in KJV; ``path`` ignored), ``text`` (.txt /
+    .jsonl files, folder or glob), ``shards`` (``scripts/prepare_data.py``
+    output) or ``hf`` (Hugging Face ``datasets``). Load once and pass the
+    result to ``split_loader`` for each split.
+    """
+    tok = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    shards = _load_shards(
+        source, path, tok, text_field=text_field, hf_name=hf_name, hf_split=hf_split, cache_dir=cache_dir
+    )
+    windows = PackedWindows(shards, seq_len)
+    logger.info("data %s/%s: %d tokens, %d windows of %d", source, path or "-", windows.num_tokens, len(windows),
+                seq_len + 1)
+    return windows
+
+
+def split_loader(
+    windows: PackedWindows,
+    *,
+    split: str,
+    val_fraction: float,
+    local_batch_size: int,
+    dp_rank: int,
+    dp_world_size: int,
+    seed: int,
+) -> TokenDataLoader:
+    """The loader of one split on one DP rank. Train and val loaders of the same windows and
+    val_fraction never share a window."""
+    first, count = _split_range(len(windows), split, val_fraction)
+    logger.info("split %s = windows [%d, %d)", split, first, first + count)
+    return TokenDataLoader(
+        windows,
+        first_window=first,
+        num_windows=count,
+        local_batch_size=local_batch_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        seed=seed,
+        train=split == "train",
+    )
+
+
 def build_dataloader(
     *,
     source: str,
@@ -290,37 +345,8 @@ def build_dataloader(
     hf_split: str = "train",
     cache_dir: str | Path | None = None,
 ) -> TokenDataLoader:
-    """The trainer's entry point: a loader for one split of one source on one DP rank.
-
-    ``source`` is ``demo`` (built-in KJV; ``path`` ignored), ``text`` (.txt /
-    .jsonl files, folder or glob), ``shards`` (``scripts/prepare_data.py``
-    output) or ``hf`` (Hugging Face ``datasets``). Train and val loaders built
-    with the same source, seq_len and val_fraction never share a window.
-    """
-    tok = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    shards = _load_shards(
-        source, path, tok, text_field=text_field, hf_name=hf_name, hf_split=hf_split, cache_dir=cache_dir
-    )
-    windows = PackedWindows(shards, seq_len)
-    first, count = _split_range(len(windows), split, val_fraction)
-    logger.info(
-        "data %s/%s: %d tokens, %d windows of %d; split %s = windows [%d, %d)",
-        source,
-        path or "-",
-        windows.num_tokens,
-        len(windows),
-        seq_len + 1,
-        split,
-        first,
-        first + count,
-    )
-    return TokenDataLoader(
-        windows,
-        first_window=first,
-        num_windows=count,
-        local_batch_size=local_batch_size,
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
-        seed=seed,
-        train=split == "train",
-    )
+    """``load_windows`` then ``split_loader``: a loader for one split of one source on one DP rank."""
+    windows = load_windows(source=source, path=path, tokenizer=tokenizer, seq_len=seq_len, text_field=text_field,
+                           hf_name=hf_name, hf_split=hf_split, cache_dir=cache_dir)
+    return split_loader(windows, split=split, val_fraction=val_fraction, local_batch_size=local_batch_size,
+                        dp_rank=dp_rank, dp_world_size=dp_world_size, seed=seed)
