@@ -14,7 +14,7 @@ import torch
 
 from ..registry import FlopCount, ParamReport
 from .args import HydraModelArgs
-from .routing import static_capacity
+from .routing import kept_counts, static_capacity
 
 
 def block_weight_params(args: HydraModelArgs) -> int:
@@ -34,7 +34,7 @@ def _tokens_per_step(args: HydraModelArgs, layer_id: int, seq_len: int, dense: b
     n_in = static_capacity(args.mod_capacity, seq_len) if hard_mod else seq_len
     if dense or args.mor_mode == "gaussian":
         return n_in, [n_in] * args.recursions
-    return n_in, [static_capacity(c, n_in) for c in args.mor_step_capacities]
+    return n_in, kept_counts(args.mor_step_capacities, n_in)
 
 
 def _per_token(args: HydraModelArgs, seq_len: int, dense: bool) -> tuple[float, float]:

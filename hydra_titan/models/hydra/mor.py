@@ -25,8 +25,8 @@ from torch import nn
 from ..common.init import trunc_normal_
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
-from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
-                      topk_indices)
+from .routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
+                      threshold_indices, topk_indices)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -136,10 +136,7 @@ class MoRBlock(nn.Module):
 
     def _static_depth_histogram(self, n_tokens: int, device: torch.device) -> torch.Tensor:
         """Top-k routing keeps k_r = ceil(cap_r * N) tokens at step r: the depth histogram is known."""
-        kept = [n_tokens]
-        for cap in self.capacities:
-            kept.append(min(kept[-1], static_capacity(cap, n_tokens)))
-        kept.append(0)
+        kept = [n_tokens, *kept_counts(self.capacities, n_tokens), 0]
         hist = [(kept[d] - kept[d + 1]) / n_tokens for d in range(self.recursions + 1)]
         # fills, not torch.tensor(list, device=...): that is a blocking host-to-device copy in eager mode
         return torch.stack([torch.full((), h, device=device, dtype=torch.float32) for h in hist])

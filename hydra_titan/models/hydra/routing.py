@@ -20,6 +20,15 @@ def static_capacity(capacity: float, seq_len: int) -> int:
     return max(1, min(seq_len, math.ceil(capacity * seq_len - 1e-9)))
 
 
+def kept_counts(capacities: tuple[float, ...], n_tokens: int) -> list[int]:
+    """Tokens that top-k routing keeps at each recursion step when n_tokens enter the block.
+
+    Capacities never increase (HydraModelArgs checks it), so the counts never do either: the
+    model, its depth histogram and the FLOP count all read them from here.
+    """
+    return [static_capacity(c, n_tokens) for c in capacities]
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k highest scores of each row [B, N], in increasing order."""
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
