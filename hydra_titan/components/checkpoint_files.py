@@ -113,9 +113,10 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (path / ".metadata").is_file():
         return path
-    complete = [p for _, p in list_checkpoints(path) if checkpoint_problem(p) is None]
-    if complete:
-        return complete[-1]
+    # newest first, stopping at the first complete one: older checkpoints are never opened
+    newest = next((p for _, p in reversed(list_checkpoints(path)) if checkpoint_problem(p) is None), None)
+    if newest is not None:
+        return newest
     raise FileNotFoundError(f"{path} is neither a DCP checkpoint (no .metadata) nor a folder holding a complete "
                             "step-N checkpoint")
 
