@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|ckpt
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -30,11 +30,17 @@ fsdp2)
         --ac selective --json "$OUT/bench_fsdp2.json" 2>&1 | grep "^| [hl]\|Error" | tee "$OUT/bench_fsdp2.txt"
     python3 scripts/benchmark.py --cases hydra:1B --batch $B --steps 30 --warmup 8 --ac selective \
         --json "$OUT/bench_1gpu_same_host.json" 2>&1 | grep "^| [hl]\|Error" | tee "$OUT/bench_1gpu.txt" ;;
+float8-4B)
+    # bf16 vs tensorwise float8 at the 4B flavor, FSDP over every GPU of the host (4B needs >= 2 H200);
+    # CASES picks the models (default both; one model per call keeps a call under 10 minutes)
+    torchrun --nproc_per_node="$(nvidia-smi -L | wc -l)" scripts/benchmark.py --cases ${CASES:-llama:4B hydra:4B} \
+        --batch ${BATCH:-4} --steps 10 --warmup 5 --float8 none tensorwise --json "$OUT/bench_float8_4B.json" 2>&1 \
+        | grep "^| [hl]\|Error" | tee -a "$OUT/bench_float8_4B.txt" ;;
 float8-*)
-    # bf16 vs tensorwise vs rowwise float8 for both 1B models at local batch N
+    # bf16 vs float8 (RECIPES, default tensorwise and rowwise) for both 1B models at local batch N
     B=${MODE#float8-}
     python3 scripts/benchmark.py --cases llama:1B hydra:1B --batch $B --steps 20 --warmup 8 \
-        --float8 none tensorwise rowwise --json "$OUT/bench_float8_b$B.json" 2>&1 \
+        --float8 ${RECIPES:-none tensorwise rowwise} --json "$OUT/bench_float8_b$B.json" 2>&1 \
         | grep "^| [hl]\|Error" | tee "$OUT/bench_float8.txt" ;;
 profile)
     # where the time goes (per category), and what routing costs: same model without MoD / with dense recursions
@@ -76,5 +82,5 @@ ckpt)
     fi
     python3 train.py "${common[@]}" --training.steps 4 --checkpoint.async_mode async --job.dump_folder "$D/async" \
         2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt" ;;
-*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|float8-<n>|ckpt" >&2; exit 2 ;;
+*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|float8-<n>|float8-4B|ckpt" >&2; exit 2 ;;
 esac
