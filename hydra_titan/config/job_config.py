@@ -152,7 +152,9 @@ class Data:
     hf_name: str = opt("", "Hugging Face dataset name (source = hf)")
     hf_split: str = opt("train", "Hugging Face dataset split (source = hf)")
     val_fraction: float = opt(0.01, "fraction of documents held out for validation", bounds=Range(ge=0, lt=1))
-    num_workers: int = opt(0, "DataLoader worker processes", bounds=NON_NEGATIVE)
+    num_workers: int = opt(0, "must stay 0: the loader slices memory-mapped token windows in the training "
+                           "process, so there is nothing for workers to do (kept so saved config.toml files "
+                           "load)", bounds=Range(ge=0, le=0))
 
 
 @dataclass
@@ -353,4 +355,4 @@ def validate_config(cfg: JobConfig) -> None:
             check_type(key, value, types[f.name])
             bounds: Range | None = f.metadata.get("bounds")
             if bounds is not None and not bounds.contains(value):
-                raise ConfigError(f"{key}: must be {bounds.describe()}, got {value!r}")
+                raise ConfigError(f"{key}: must be {bounds.describe()}, got {value!r} ({f.metadata['help']})")

@@ -250,6 +250,13 @@ def test_value_outside_range(argv, key):
     assert key in config_error(argv)
 
 
+def test_range_error_says_what_the_key_is_for():
+    message = config_error(["--data.num_workers", "4"])
+    assert "data.num_workers: must be >= 0 and <= 0, got 4" in message
+    assert "memory-mapped" in message  # why the knob does nothing, from its help line
+    assert load_config(["--data.num_workers", "0"]).data.num_workers == 0  # saved configs still load
+
+
 def test_sentinel_values_inside_range():
     cfg = load_config(["--parallelism.dp_shard", "-1", "--checkpoint.load_step", "-1", "--data.val_fraction", "0"])
     assert (cfg.parallelism.dp_shard, cfg.checkpoint.load_step, cfg.data.val_fraction) == (-1, -1, 0.0)
