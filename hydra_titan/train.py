@@ -248,7 +248,10 @@ class Trainer:
         return 0
 
     def _log_step(self, step: int, result: dict, throughput: Throughput) -> None:
-        parts = {k: all_reduce(v).item() for k, v in result["parts"].items()}  # the loss function's own total
+        # one all-reduce and one host copy for every part (the loss function's own total among them)
+        names = list(result["parts"])
+        summed = all_reduce(torch.stack([result["parts"][k].float() for k in names]))
+        parts = dict(zip(names, summed.tolist()))
         loss = parts["total"]
         speed = throughput.read()
         scalars = {**{f"loss/{k}": v for k, v in parts.items()},
