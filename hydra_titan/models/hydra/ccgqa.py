@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..common.attention import get_attention_backend
-from ..common.ffn import SwiGLU
+from ..common.block import PreNormBlock
 from ..common.init import trunc_normal_
-from ..common.norms import RMSNorm, rms_normalize
+from ..common.norms import rms_normalize
 from ..common.rope import apply_rope
 from .args import HydraModelArgs
 
@@ -136,27 +136,9 @@ class CCGQAttention(nn.Module):
         nn.init.zeros_(self.log_beta)
 
 
-class CCGQABlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + SwiGLU(norm(.))."""
+class CCGQABlock(PreNormBlock):
+    """A HYDRA block: CCGQA attention in the shared pre-norm block (MoR applies it up to R times)."""
 
     def __init__(self, args: HydraModelArgs):
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = CCGQAttention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
-
-    def residual_update(self, x: torch.Tensor, positions: torch.Tensor,
-                        rope_cache: torch.Tensor) -> torch.Tensor:
-        """block(x) - x, computed without the cancellation of subtracting x."""
-        attn = self.attention(self.attention_norm(x), positions, rope_cache)
-        return attn + self.feed_forward(self.ffn_norm(x + attn))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
-        return x + self.residual_update(x, positions, rope_cache)
-
-    def init_weights(self, init_std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(init_std, out_std)
-        self.feed_forward.init_weights(init_std, out_std)
+        super().__init__(CCGQAttention(args), dim=args.dim, ffn_hidden_dim=args.ffn_hidden_dim,
+                         norm_eps=args.norm_eps)

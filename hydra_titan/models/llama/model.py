@@ -12,9 +12,8 @@ from torch import nn
 
 from ..common.attention import get_attention_backend
 from ..common.decoder import Decoder
-from ..common.ffn import SwiGLU
+from ..common.block import PreNormBlock
 from ..common.init import trunc_normal_
-from ..common.norms import RMSNorm
 from ..common.rope import apply_rope
 from .args import LlamaModelArgs
 
@@ -41,23 +40,12 @@ class GQAttention(nn.Module):
         trunc_normal_(self.wo.weight, out_std)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(PreNormBlock):
+    """A Llama block: grouped-query attention in the shared pre-norm block."""
+
     def __init__(self, args: LlamaModelArgs):
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = GQAttention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = SwiGLU(args.dim, args.ffn_hidden_dim)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, rope)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self, init_std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(init_std, out_std)
-        self.feed_forward.init_weights(init_std, out_std)
+        super().__init__(GQAttention(args), dim=args.dim, ffn_hidden_dim=args.ffn_hidden_dim,
+                         norm_eps=args.norm_eps)
 
 
 class LlamaModel(Decoder):
