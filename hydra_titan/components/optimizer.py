@@ -106,14 +106,8 @@ def _normalise_fused(fused: str | bool) -> str:
     return value
 
 
-def _build_adamw(
-    groups: list[dict[str, Any]],
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    fused: str,
-) -> torch.optim.Optimizer:
+def _build_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float,
+                 fused: str) -> tuple[torch.optim.Optimizer, str]:
     """torch AdamW: fused kernel on CUDA ("auto"), foreach elsewhere.
 
     ``fused="true"`` is also honoured on CPU (recent torch has a fused CPU
@@ -123,25 +117,14 @@ def _build_adamw(
     use_fused = fused == "true" or (fused == "auto" and _all_on_cuda(groups))
     if use_fused:
         try:
-            optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True), "fused"
         except (RuntimeError, ValueError, TypeError) as err:
             logger.warning("fused AdamW is not available here (%s); falling back to foreach", err)
-        else:
-            _log_groups("adamw", groups, "fused")
-            return optimizer
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
-    _log_groups("adamw", groups, "foreach")
-    return optimizer
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True), "foreach"
 
 
-def _build_adamw8bit(
-    groups: list[dict[str, Any]],
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    fused: str,
-) -> torch.optim.Optimizer:
+def _build_adamw8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float,
+                     fused: str) -> tuple[torch.optim.Optimizer, str]:
     """torchao's block-wise 8-bit AdamW (optimizer state ~4x smaller).
 
     ``fused`` does not apply (torchao compiles its own step). torchao keeps the
@@ -165,11 +148,11 @@ def _build_adamw8bit(
             f"torchao AdamW8bit could not be built for parameters on {devices}: {err}. "
             "Use name='adamw' on this device."
         ) from err
-    _log_groups("adamw8bit", groups, "torchao 8-bit state")
-    return optimizer
+    return optimizer, "torchao 8-bit state"
 
 
-OptimizerBuilder = Callable[..., torch.optim.Optimizer]
+#: (groups, *, lr, betas, eps, fused) -> (optimizer, a few words on how it was built, for the log)
+OptimizerBuilder = Callable[..., tuple[torch.optim.Optimizer, str]]
 
 _OPTIMIZER_BUILDERS: Mapping[str, OptimizerBuilder] = MappingProxyType(
     {
@@ -216,6 +199,6 @@ def build_optimizer(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     fused_choice = _normalise_fused(fused)
     groups = build_param_groups(model, weight_decay, no_decay_patterns)
-    return _OPTIMIZER_BUILDERS[name](
-        groups, lr=lr, betas=(beta1, beta2), eps=eps, fused=fused_choice
-    )
+    optimizer, detail = _OPTIMIZER_BUILDERS[name](groups, lr=lr, betas=(beta1, beta2), eps=eps, fused=fused_choice)
+    _log_groups(name, groups, detail)
+    return optimizer
