@@ -104,7 +104,7 @@ class Trainer:
         self.model_args = resolve_model_args(self.spec, cfg, self.tokenizer)
         with torch.device("meta"):
             model = self.spec.model_cls(self.model_args)
-        params = self.spec.param_report(self.model_args, cfg.training.seq_len)
+        params = self.spec.param_report(self.model_args, cfg.training.seq_len, model=model)
         self.flops = self.spec.flops_per_token(self.model_args, cfg.training.seq_len)
         logger.info("model %s/%s: %.1fM params (%.1fM non-embedding, %.1fM active/token), "
                     "%.3f GFLOP/token executed (%.3f dense-equivalent)", cfg.model.name, cfg.model.flavor,

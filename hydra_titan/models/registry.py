@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 
@@ -27,6 +28,12 @@ class ParamReport:
     total: int
     non_embedding: int  # total minus the input embedding table
     active: float       # parameters applied per token (each recursion counted, capacities applied, LM head in)
+
+    @classmethod
+    def count(cls, model: nn.Module, active: float) -> "ParamReport":
+        """Totals read off `model` (a decoder, any device, meta included); `active` from the family's arithmetic."""
+        total = sum(p.numel() for p in model.parameters())
+        return cls(total=total, non_embedding=total - model.tok_embeddings.weight.numel(), active=active)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class ModelSpec:
     args_cls: type
     flavors: dict[str, Any]
     flops_per_token: Callable[[Any, int], FlopCount]
-    param_report: Callable[[Any, int], ParamReport]
+    active_params: Callable[[Any, int], float]  # (args, seq_len) -> ParamReport.active
     parallelize_options: ParallelizeOptions = field(default_factory=ParallelizeOptions)
     # None: the shared `hydra_titan.distributed.parallelize` (every model keeps the decoder contract)
     parallelize_fn: Callable[..., nn.Module] | None = None
@@ -60,6 +67,13 @@ class ModelSpec:
 
     def build(self, flavor: str, **overrides: Any) -> nn.Module:
         return self.model_cls(self.args(flavor, **overrides))
+
+    def param_report(self, args: Any, seq_len: int = 2048, model: nn.Module | None = None) -> ParamReport:
+        """Parameter counts of the model `args` describe; pass `model` when one is built already."""
+        if model is None:
+            with torch.device("meta"):
+                model = self.model_cls(args)
+        return ParamReport.count(model, self.active_params(args, seq_len))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -37,11 +37,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hydra_titan.models import get_model_spec
-from hydra_titan.models.hydra import HydraModel, HydraModelArgs, hydra_flops_per_token, hydra_param_report
+from hydra_titan.models.hydra import HYDRA_SPEC, HydraModel, HydraModelArgs, hydra_flops_per_token
 from hydra_titan.models.hydra import mod as mod_module
 from hydra_titan.models.hydra import mor as mor_module
 from hydra_titan.models.hydra.flops import block_weight_params
-from hydra_titan.models.llama import LlamaModel, LlamaModelArgs, llama_flops_per_token, llama_param_report
+from hydra_titan.models.llama import LLAMA_SPEC, LlamaModel, LlamaModelArgs, llama_flops_per_token
 from hydra_titan.models.llama.flops import layer_weight_params
 
 B = 2
@@ -238,9 +238,10 @@ def test_hydra_param_report_matches_real_model(kw):
     args = tiny_hydra(**kw)
     model = HydraModel(args)
     total = sum(p.numel() for p in model.parameters())
-    report = hydra_param_report(args)
+    report = HYDRA_SPEC.param_report(args)
     assert report.total == total
     assert report.non_embedding == total - args.vocab_size * args.dim
+    assert HYDRA_SPEC.param_report(args, model=model) == report  # counted off a model already built
 
 
 def test_hydra_block_weight_params_is_the_blocks_matmul_weights():
@@ -257,7 +258,7 @@ def test_hydra_block_weight_params_is_the_blocks_matmul_weights():
 
 def test_hydra_active_params_at_capacity_one():
     args = tiny_hydra(mod_every=0, mor_capacities=(1.0, 1.0))
-    report = hydra_param_report(args, seq_len=64)
+    report = HYDRA_SPEC.param_report(args, seq_len=64)
     expected = (args.n_mor_blocks * (args.recursions * block_weight_params(args) + args.recursions * args.dim)
                 + args.vocab_size * args.dim)
     assert report.active == expected
@@ -268,7 +269,8 @@ def test_llama_param_report_matches_real_model(kw):
     args = tiny_llama(**kw)
     model = LlamaModel(args)
     total = sum(p.numel() for p in model.parameters())
-    report = llama_param_report(args)
+    report = LLAMA_SPEC.param_report(args)
+    assert LLAMA_SPEC.param_report(args, model=model) == report
     assert report.total == total
     assert report.non_embedding == total - args.vocab_size * args.dim
     layer = model.layers["0"]

@@ -10,9 +10,7 @@ executes, not an idealisation.
 
 from __future__ import annotations
 
-import torch
-
-from ..registry import FlopCount, ParamReport
+from ..registry import FlopCount
 from .args import HydraModelArgs
 from .routing import kept_counts, static_capacity
 
@@ -61,13 +59,7 @@ def hydra_flops_per_token(args: HydraModelArgs, seq_len: int) -> FlopCount:
     return FlopCount(executed=6 * p_exec + a_exec, dense=6 * p_dense + a_dense)
 
 
-def hydra_param_report(args: HydraModelArgs, seq_len: int = 2048) -> ParamReport:
-    """Total and non-embedding counts from a meta-device model; active from the routing arithmetic."""
-    from .model import HydraModel
-
-    with torch.device("meta"):
-        model = HydraModel(args)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.tok_embeddings.weight.numel()
+def hydra_active_params(args: HydraModelArgs, seq_len: int = 2048) -> float:
+    """Weights applied per token with the routing capacities: each recursion counted, LM head in."""
     active, _ = _per_token(args, seq_len, dense=False)
-    return ParamReport(total=total, non_embedding=total - embedding, active=active)
+    return active

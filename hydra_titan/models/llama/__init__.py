@@ -2,11 +2,11 @@
 
 from ..registry import ModelSpec, register_model_spec
 from .args import LLAMA_FLAVORS, LlamaModelArgs
-from .flops import llama_flops_per_token, llama_param_report
+from .flops import llama_flops_per_token, llama_active_params
 from .model import LlamaModel, TransformerBlock
 
 __all__ = ["LlamaModelArgs", "LLAMA_FLAVORS", "LlamaModel", "TransformerBlock", "llama_flops_per_token",
-           "llama_param_report", "LLAMA_SPEC"]
+           "llama_active_params", "LLAMA_SPEC"]
 
 LLAMA_SPEC = register_model_spec(ModelSpec(
     name="llama",
@@ -14,5 +14,5 @@ LLAMA_SPEC = register_model_spec(ModelSpec(
     args_cls=LlamaModelArgs,
     flavors=LLAMA_FLAVORS,
     flops_per_token=llama_flops_per_token,
-    param_report=llama_param_report,
+    active_params=llama_active_params,
 ))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..registry import FlopCount, ParamReport
+from ..registry import FlopCount
 from .args import LlamaModelArgs
 
 
@@ -20,12 +18,7 @@ def llama_flops_per_token(args: LlamaModelArgs, seq_len: int) -> FlopCount:
     return FlopCount(executed=flops, dense=flops)
 
 
-def llama_param_report(args: LlamaModelArgs, seq_len: int = 2048) -> ParamReport:
-    from .model import LlamaModel
-
-    with torch.device("meta"):
-        model = LlamaModel(args)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.tok_embeddings.weight.numel()
-    active = args.n_layers * layer_weight_params(args) + args.dim * args.vocab_size
-    return ParamReport(total=total, non_embedding=total - embedding, active=active)
+def llama_active_params(args: LlamaModelArgs, seq_len: int = 2048) -> float:
+    """Every layer and the LM head, once per token (seq_len does not matter to a dense model)."""
+    del seq_len
+    return args.n_layers * layer_weight_params(args) + args.dim * args.vocab_size
