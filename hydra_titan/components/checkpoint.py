@@ -232,19 +232,9 @@ class CheckpointManager:
         if excluded and self.rank == 0:
             logger.warning("not restoring %s (checkpoint.exclude_from_loading)", ", ".join(excluded))
         start = time.perf_counter()
-        state: dict[str, Any] = {}
-        if "model" in wanted:
-            state["model"] = get_model_state_dict(self.model)
-        if "optimizer" in wanted:
-            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
-        if "lr_scheduler" in wanted:
-            state["lr_scheduler"] = _scheduler_state(self.lr_scheduler)
-        if "dataloader" in wanted:
-            state["dataloader"] = self.dataloader.state_dict()
-        if "train_state" in wanted:
-            state["train_state"] = self.train_state.state_dict()
-        if "rng" in wanted:  # only the generators this checkpoint has for this rank (a GPU run also has cuda)
-            state["rng"] = {rng_key: {name: t for name, t in _rng_state().items()
+        state = {key: self._live_state(key) for key in wanted}
+        if "rng" in state:  # only the generators this checkpoint has for this rank (a GPU run also has cuda)
+            state["rng"] = {rng_key: {name: t for name, t in state["rng"][rng_key].items()
                                       if f"rng.{rng_key}.{name}" in md.state_dict_metadata}}
         with single_process_quiet():
             dcp.load(state, checkpoint_id=str(path), process_group=self._pg, no_dist=not self.distributed)
@@ -282,6 +272,18 @@ class CheckpointManager:
     def _owner(self, key: str) -> Any:
         return {"model": self.model, "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler,
                 "dataloader": self.dataloader, "train_state": self.train_state, "rng": True}[key]
+
+    def _live_state(self, key: str) -> Any:
+        """This run's state under one checkpoint key: what a save writes, and what a load fills in place."""
+        if key == "model":
+            return get_model_state_dict(self.model)
+        if key == "optimizer":
+            return get_optimizer_state_dict(self.model, self.optimizer)
+        if key == "lr_scheduler":
+            return _scheduler_state(self.lr_scheduler)
+        if key == "rng":
+            return {f"rank{self.rank}": _rng_state()}
+        return self._owner(key).state_dict()  # dataloader, train_state
 
     # ------------------------------------------------------------------ save
     def maybe_save(self, step: int, last_step: bool = False) -> None:
@@ -345,22 +347,10 @@ class CheckpointManager:
         self._barrier()
 
     def _state_to_save(self, contents: list[str], dtype: torch.dtype | None) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        model_sd = get_model_state_dict(self.model)
+        state = {key: self._live_state(key) for key in contents}
         if dtype is not None:
-            model_sd = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                        for k, v in model_sd.items()}
-        state["model"] = model_sd
-        if "optimizer" in contents:
-            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
-        if "lr_scheduler" in contents:
-            state["lr_scheduler"] = _scheduler_state(self.lr_scheduler)
-        if "dataloader" in contents:
-            state["dataloader"] = self.dataloader.state_dict()
-        if "train_state" in contents:
-            state["train_state"] = self.train_state.state_dict()
-        if "rng" in contents:
-            state["rng"] = {f"rank{self.rank}": _rng_state()}
+            state["model"] = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                              for k, v in state["model"].items()}
         return state
 
     def _publish(self, tmp: Path, final: Path) -> None:
