@@ -140,7 +140,8 @@ class Trainer:
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, folder=self.dump_folder / cfg.checkpoint.folder, model=self.model,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, dataloader=self.train_loader,
-            train_state=self.state, model_args=self.model_args, model_name=cfg.model.name)
+            train_state=self.state, model_args=self.model_args, model_name=cfg.model.name,
+            cpu_group=self.dist.cpu_group)
         self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
                                      tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder,
                                      rank=self.dist.rank)

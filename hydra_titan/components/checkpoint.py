@@ -85,7 +85,10 @@ class CheckpointManager:
     """
 
     def __init__(self, cfg, *, folder: str | os.PathLike, model: torch.nn.Module, optimizer=None, lr_scheduler=None,
-                 dataloader=None, train_state=None, model_args: Any = None, model_name: str = "") -> None:
+                 dataloader=None, train_state=None, model_args: Any = None, model_name: str = "",
+                 cpu_group: Any = None) -> None:
+        """``cpu_group``: a gloo group the caller already has for main-thread coordination (the trainer's
+        ``DistInfo.cpu_group``); without one, a non-gloo default group gets a gloo group of its own."""
         self.cfg = cfg
         self.enabled = bool(cfg.enable)
         self.folder = Path(folder)
@@ -107,7 +110,7 @@ class CheckpointManager:
         self._pending: dict[str, Any] | None = None
         self._last_saved_step = -1
         if self.enabled and self.distributed and "gloo" not in str(dist.get_backend()).lower():
-            self._pg = dist.new_group(backend="gloo")
+            self._pg = cpu_group if cpu_group is not None else dist.new_group(backend="gloo")
         if self.enabled and initialized and cfg.async_mode == "async":
             # dcp.async_save needs a CPU-capable group even on one rank (the default one may be nccl only)
             self._async_pg = dist.new_group(backend="gloo")

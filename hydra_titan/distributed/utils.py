@@ -22,7 +22,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
-    cpu_group: Any = None  # a gloo group for small host-side reductions (stop flags); None = the default group
+    cpu_group: Any = None  # gloo group for host-side collectives (stop flags, checkpoint barriers); None = default
 
 
 def resolve_device_type(requested: str) -> str:
