@@ -14,6 +14,20 @@ export PYTHONPATH=$PWD TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTORCH_CUDA_ALLOC_
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)" | tee -a "$OUT/gpu.txt"
 
+# the profile of both 1B steps (device categories, top kernels, host time); $1 = lines of each report kept
+profile_1b() {
+    for case in hydra:1B llama:1B; do
+        python3 scripts/profile_step.py --case $case --json "$OUT/profile_${case/:/_}.json" 2>&1 \
+            | grep -v -i warn | tail -"$1" | tee -a "$OUT/profile.txt"
+    done
+}
+
+# both 1B models at local batch $1 (selective AC)
+bench_1b_batch() {
+    python3 scripts/benchmark.py --cases hydra:1B llama:1B --batch "$1" --steps 20 --warmup 8 \
+        --json "$OUT/bench_1B_b$1.json" 2>&1 | grep "^| [hl]\|peak\|Error" | tee -a "$OUT/bench_batch.txt"
+}
+
 case "$MODE" in
 tests)
     python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
@@ -44,28 +58,18 @@ float8-*)
         | grep "^| [hl]\|Error" | tee "$OUT/bench_float8.txt" ;;
 profile)
     # where the time goes (per category), and what routing costs: same model without MoD / with dense recursions
-    for case in hydra:1B llama:1B; do
-        python3 scripts/profile_step.py --case $case --json "$OUT/profile_${case/:/_}.json" 2>&1 \
-            | grep -v -i warn | tail -40 | tee -a "$OUT/profile.txt"
-    done
+    profile_1b 40
     python3 scripts/benchmark.py --cases hydra:1B --steps 20 --warmup 8 --json "$OUT/ablate_nomod.json" \
         -- --model.overrides.mod_every 0 2>&1 | grep "^| hydra" | sed 's/^/no MoD: /' | tee -a "$OUT/ablation.txt"
     python3 scripts/benchmark.py --cases hydra:1B --steps 20 --warmup 8 --json "$OUT/ablate_dense.json" \
         -- --model.overrides.mod_capacity 1.0 --model.overrides.mor_capacities '[1.0,1.0,1.0,1.0]' 2>&1 \
         | grep "^| hydra" | sed 's/^/all capacities 1: /' | tee -a "$OUT/ablation.txt" ;;
 perf)
-    # where the time goes in both 1B steps (device categories, top kernels, host time), then tokens/s at batch 4
-    for case in hydra:1B llama:1B; do
-        python3 scripts/profile_step.py --case $case --json "$OUT/profile_${case/:/_}.json" 2>&1 \
-            | grep -v -i warn | tail -75 | tee -a "$OUT/profile.txt"
-    done
-    python3 scripts/benchmark.py --cases hydra:1B llama:1B --batch 4 --steps 20 --warmup 8 \
-        --json "$OUT/bench_1B_b4.json" 2>&1 | grep "^| [hl]\|peak\|Error" | tee -a "$OUT/bench_batch.txt" ;;
+    # where the time goes in both 1B steps, with the top kernels, then tokens/s at batch 4
+    profile_1b 75
+    bench_1b_batch 4 ;;
 batch-*)
-    # both 1B models at a larger local batch (selective AC)
-    B=${MODE#batch-}
-    python3 scripts/benchmark.py --cases hydra:1B llama:1B --batch $B --steps 20 --warmup 8 \
-        --json "$OUT/bench_1B_b$B.json" 2>&1 | grep "^| [hl]\|peak\|Error" | tee -a "$OUT/bench_batch.txt" ;;
+    bench_1b_batch "${MODE#batch-}" ;;
 ckpt)
     # save (sync, then async) and resume the 1B flavor; quote save times and size
     D=/tmp/hydra_ckpt_1b
