@@ -1,9 +1,10 @@
 """Activation checkpointing per block: none | full | selective (op-level save list).
 
 `full` recomputes the whole block in backward. `selective` saves the outputs
-of the expensive ops (matmuls and attention) and recomputes the cheap
-elementwise ones (norms, activations, convolution shifts, RoPE) — most of the
-memory saving of full AC for a fraction of its recompute.
+of the expensive ops (matmuls, the MoE experts' grouped GEMMs, attention) and
+recomputes the cheap elementwise ones (norms, activations, convolution shifts,
+RoPE, MoE routing) — most of the memory saving of full AC for a fraction of its
+recompute.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 def default_save_ops() -> set[Any]:
     aten = torch.ops.aten
-    return {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-            aten._scaled_mm.default,  # float8 GEMMs (torchao): recomputing them would undo their gain
-            aten.max.default,  # float8 tensorwise amax: a scalar, whose recompute is a full pass over its input
-            aten._scaled_dot_product_efficient_attention.default,
-            aten._scaled_dot_product_flash_attention.default,
-            aten._scaled_dot_product_cudnn_attention.default,
-            aten._scaled_dot_product_flash_attention_for_cpu.default}
+    grouped_mm = {aten._grouped_mm.default} if hasattr(aten, "_grouped_mm") else set()  # MoE experts
+    return grouped_mm | {
+        aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+        aten._scaled_mm.default,  # float8 GEMMs (torchao): recomputing them would undo their gain
+        aten.max.default,  # float8 tensorwise amax: a scalar, whose recompute is a full pass over its input
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 def _selective_context_fn(save_ops: frozenset) -> Callable:

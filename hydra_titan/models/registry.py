@@ -40,8 +40,9 @@ class ParamReport:
 class ParallelizeOptions:
     """Per-model knobs for the shared parallelize function (DESIGN §1, §5)."""
 
-    # fully-qualified-name fragments of linears that float8 must leave alone
-    float8_skip_fqns: tuple[str, ...] = ("output",)
+    # fully-qualified-name fragments of linears that float8 must leave alone: the LM head, and every
+    # router (MoD/MoR scalars, MoE [E, dim]): tiny, and their scores drive top-k, so high precision
+    float8_skip_fqns: tuple[str, ...] = ("output", "router")
     # extra ops for selective activation checkpointing to save (besides matmuls and attention)
     ac_extra_save_ops: tuple[Any, ...] = ()
 

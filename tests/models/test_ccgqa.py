@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hydra_titan.models.common.rope import rope_cache
 from hydra_titan.models.hydra.args import HydraModelArgs
-from hydra_titan.models.hydra.ccgqa import (CausalDepthwiseConv, CausalHeadConv, CCGQABlock, CCGQAttention,
+from hydra_titan.models.hydra.ccgqa import (CausalDepthwiseConv, CausalHeadConv, CCGQABlock, CCGQAAttention,
                                             causal_shift)
 
 
@@ -21,8 +21,8 @@ def small_args(**kw) -> HydraModelArgs:
     return HydraModelArgs(**base)
 
 
-def build_attention(**kw) -> CCGQAttention:
-    attn = CCGQAttention(small_args(**kw))
+def build_attention(**kw) -> CCGQAAttention:
+    attn = CCGQAAttention(small_args(**kw))
     attn.init_weights(0.1, 0.1)
     with torch.no_grad():
         attn.log_beta.normal_(0, 0.3)  # a non-trivial temperature per KV head
@@ -61,7 +61,7 @@ def ref_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
-def reference_ccgqa(attn: CCGQAttention, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def reference_ccgqa(attn: CCGQAAttention, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     bsz, seq_len, _ = x.shape
     hq, hk, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
     g = hq // hk
@@ -75,10 +75,11 @@ def reference_ccgqa(attn: CCGQAttention, x: torch.Tensor, positions: torch.Tenso
     m_k = torch.stack([m_q[:, :, kv * g:(kv + 1) * g].mean(dim=2) for kv in range(hk)], dim=2)
     q, k = q + m_q, k + m_k
     v = v.view(bsz, seq_len, hk, d).clone()
-    if attn.value_shift:  # KV heads hk/2.. read the previous token's value (zero before the first)
-        shifted = torch.zeros_like(v[:, :, hk // 2:])
-        shifted[:, 1:] = v[:, :-1, hk // 2:]
-        v[:, :, hk // 2:] = shifted
+    if attn.value_shift:  # the last floor(hk/2) KV heads read the previous token's value (zero before the first)
+        first = hk - hk // 2
+        shifted = torch.zeros_like(v[:, :, first:])
+        shifted[:, 1:] = v[:, :-1, first:]
+        v[:, :, first:] = shifted
     beta = attn.log_beta.exp()
     q = math.sqrt(d) * q / q.norm(dim=-1, keepdim=True)
     k = math.sqrt(d) * k / k.norm(dim=-1, keepdim=True) * beta[:, None]
@@ -152,10 +153,12 @@ def test_head_conv_mixes_channels_only_within_a_head():
     dict(conv_kernel_seq=3, conv_kernel_ch=1),        # the original HYDRA's sequence kernel
     dict(n_heads=2, n_kv_heads=2, head_dim=16),       # no GQA grouping
     dict(n_heads=8, n_kv_heads=2, head_dim=8),        # group of 4
+    dict(n_heads=3, n_kv_heads=3, head_dim=16, dim=48),  # odd KV heads: the last one shifts
+    dict(n_heads=2, n_kv_heads=1, head_dim=16),       # one KV head: no shift
 ])
 def test_ccgqa_matches_reference_formula(kw):
     attn = build_attention(**kw)
-    x = torch.randn(2, 11, 64)
+    x = torch.randn(2, 11, attn.wqkv.in_features)
     pos = positions_for(2, 11)
     cache = rope_cache(attn.head_dim, 64)
     torch.testing.assert_close(attn(x, pos, cache), reference_ccgqa(attn, x, pos), atol=2e-5, rtol=1e-4)
@@ -211,7 +214,7 @@ def test_value_shift_reads_previous_token_for_half_the_kv_heads():
     """With attention forced onto the diagonal, each head's output is its value row: the shifted
     half of the KV heads must return the previous token's value, the other half the current one."""
     args = small_args(n_heads=2, n_kv_heads=2, head_dim=32, conv_kernel_seq=1, conv_kernel_ch=1)
-    attn = CCGQAttention(args)
+    attn = CCGQAAttention(args)
     attn.init_weights(0.1, 0.1)
     captured = {}
 
@@ -251,7 +254,7 @@ def test_every_ccgqa_parameter_gets_a_gradient():
 def test_ccgqa_shapes_follow_compression():
     args = small_args(dim=128, n_heads=4, n_kv_heads=2, head_dim=8)
     assert args.q_compression == 4 and args.kv_compression == 8
-    attn = CCGQAttention(args)
+    attn = CCGQAAttention(args)
     assert attn.wqkv.weight.shape == (32 + 2 * 16, 128)
     assert attn.wo.weight.shape == (128, 32)
     assert attn.q_head_conv.weight.shape == (4, 2 * 8, 8)
@@ -262,7 +265,10 @@ def test_block_residual_update_equals_forward_minus_input():
     block.init_weights(0.1, 0.1)
     x = torch.randn(2, 8, 64)
     pos, cache = positions_for(2, 8), rope_cache(8, 64)
-    torch.testing.assert_close(block(x, pos, cache), x + block.residual_update(x, pos, cache))
+    out, stats = block(x, pos, cache)
+    delta, delta_stats = block.residual_update(x, pos, cache)
+    assert stats == {} and delta_stats == {}  # a dense FFN reports nothing
+    torch.testing.assert_close(out, x + delta)
     # pre-norm structure: h = x + attn(norm(x)); out = h + ffn(norm(h))
     h = x + block.attention(block.attention_norm(x), pos, cache)
-    torch.testing.assert_close(block(x, pos, cache), h + block.feed_forward(block.ffn_norm(h)))
+    torch.testing.assert_close(out, h + block.feed_forward(block.ffn_norm(h)))

@@ -125,6 +125,9 @@ def test_math_sdpa_counts_the_attention_convention():
     (dict(), 32),
     (dict(n_layers=3, n_heads=8, n_kv_heads=2, head_dim=16), 48),
     (dict(n_heads=4, n_kv_heads=4, head_dim=32, vocab_size=64), 64),
+    # MoE (the counter sees the loop backend's per-expert matmuls; grouped_mm has no formula in it)
+    (dict(moe_num_experts=4, moe_top_k=2, moe_backend="loop"), 32),
+    (dict(n_layers=3, moe_num_experts=4, moe_every=2, moe_shared_experts=1, moe_backend="loop"), 32),
 ])
 def test_llama_flops_match_counter(kw, seq_len):
     args = tiny_llama(**kw)
@@ -151,6 +154,10 @@ HYDRA_CONFIGS = {
     "soft_mod_topk_mor": (dict(mod_mode="soft", mor_capacities=(1.0, 0.5)), 32),
     "soft_mod_gaussian_mor": (dict(mod_mode="soft", mor_mode="gaussian"), 32),
     "kernels_3_1_long": (dict(conv_kernel_seq=3, conv_kernel_ch=1, ffn_dim_multiplier=0.25, n_mor_blocks=1), 128),
+    # MoE blocks: the router, k experts (+ shared) per processed token, at every recursion step
+    "moe_top2": (dict(moe_num_experts=4, moe_top_k=2, moe_backend="loop"), 32),
+    "moe_every_2_shared": (dict(moe_num_experts=4, moe_every=2, moe_shared_experts=1, moe_backend="loop",
+                                recursions=3), 40),
 }
 
 

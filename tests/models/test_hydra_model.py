@@ -125,7 +125,6 @@ def test_routed_model_runs_fewer_tokens_through_blocks_than_dense():
 
 @pytest.mark.parametrize("kw,name", [
     (dict(dim=72), "dim"),                                          # not divisible by n_heads*head_dim
-    (dict(n_kv_heads=1, n_heads=3, dim=48), "n_kv_heads"),          # odd KV heads with value shift
     (dict(n_heads=4, n_kv_heads=3, dim=192), "n_heads"),            # 4 not divisible by 3
     (dict(head_dim=15, dim=60), "head_dim"),
     (dict(mod_capacity=1.5), "mod_capacity"),
@@ -138,9 +137,10 @@ def test_bad_arguments_raise_value_error_naming_them(kw, name):
         model_args(**kw)
 
 
-def test_odd_kv_heads_allowed_without_value_shift():
-    args = model_args(n_kv_heads=1, n_heads=3, dim=48, value_shift=False)
-    assert args.n_kv_heads == 1
+def test_odd_kv_heads_build_with_and_without_value_shift():
+    for shift in (True, False):
+        args = model_args(n_kv_heads=1, n_heads=3, dim=48, value_shift=shift)
+        assert args.n_kv_heads == 1
 
 
 def test_with_overrides_names_unknown_fields():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hydra_titan
-from hydra_titan.models.hydra import HydraLayer, HydraModel, HydraModelArgs
+from hydra_titan.models.hydra import HydraLayer, HydraModel, HydraModelArgs, MoRBlock
 from hydra_titan.models.llama import LlamaModel, LlamaModelArgs, TransformerBlock
 
 
@@ -185,7 +187,8 @@ def test_compile_llama_block_matches_eager(monkeypatch, tmp_path):
     positions = torch.arange(24).expand(2, 24)
 
     def to_loss(fn, x):
-        out = fn(x, positions, rope)
+        out, stats = fn(x, positions, rope)
+        assert stats == {}
         return out, (out ** 2).mean()
 
     _compile_parity(block, lambda: x0.clone().requires_grad_(True), to_loss, monkeypatch, tmp_path)
@@ -230,3 +233,33 @@ def test_create_ccgqa_mod_mor_model_rejects_bad_shapes():
         # latent 128/2 = 64 is not divisible by 6 heads
         hydra_titan.create_ccgqa_mod_mor_model(256, 128, 1, 2, 6, 2, compression_factor=2)
     assert "64" in str(e.value)
+
+
+def test_the_original_readme_example_runs_as_written():
+    """The original HYDRA README's example (seeds/000), as README.md quotes it, executed verbatim."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("from hydra_titan import create_ccgqa_mod_mor_model   # the original")
+    code = readme[start:].split("```", 1)[0]
+    assert "n_kv_heads=3," in code and "compression_factor=4," in code and "n_heads=12," in code
+    namespace = {"torch": torch}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["logits"].shape == (1, 512, 32000)
+    assert torch.isfinite(namespace["logits"]).all()
+    assert namespace["aux_loss"].dim() == 0 and 0 < namespace["ponder_loss"].item() < 1
+    args = namespace["model"].args
+    assert (args.head_dim, args.n_kv_heads, args.kv_compression) == (16, 3, 16)
+
+
+def test_the_seed_public_api_and_class_names():
+    from hydra_titan import CCGQAAttention, CCGQABlock, create_ccgqa_mod_mor_model
+    from hydra_titan.models.hydra import CCGQAMoDBlockWrapper, CCGQAMoDMoRModel, CCGQAMoRBlock, MoRBlock
+
+    assert CCGQAMoDMoRModel is HydraModel and CCGQAMoDBlockWrapper is HydraLayer and CCGQAMoRBlock is MoRBlock
+    model = create_ccgqa_mod_mor_model(256, 128, 2, 2, 4, 2, 2, 0.75, moe_num_experts=8, max_seq_len=64)
+    assert isinstance(model, CCGQAMoDMoRModel)
+    block = model.layers["0"].mor.block
+    assert isinstance(block, CCGQABlock) and isinstance(block.attention, CCGQAAttention)
+    out = model(torch.randint(0, 256, (2, 32)))
+    assert out["moe_load"].shape == (2, 8)  # both blocks carry 8 experts
+    with pytest.raises(AttributeError, match="no attribute"):
+        hydra_titan.not_a_name  # noqa: B018

@@ -88,7 +88,7 @@ def test_single_recursion_output_formula():
     x, pos, delta, _ = run(block, seq_len=6)
     cache = rope_cache(16, 128)
     gate = 0.7 * torch.sigmoid(block.routers[0](x))
-    expected = gate * block.block.residual_update(x + block.recursion_emb[0], pos, cache)
+    expected = gate * block.block.residual_update(x + block.recursion_emb[0], pos, cache)[0]
     torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -109,7 +109,7 @@ def test_tokens_that_leave_the_loop_are_not_updated_later():
     cache = rope_cache(16, 128)
     pos = torch.arange(8).expand(1, 8)
     gate = torch.sigmoid(block.routers[0](x).squeeze(-1))
-    step0 = gate.unsqueeze(-1) * block.block.residual_update(x + block.recursion_emb[0], pos, cache)
+    step0 = gate.unsqueeze(-1) * block.block.residual_update(x + block.recursion_emb[0], pos, cache)[0]
     kept_after_0 = set(calls[1][1][0].tolist())
     for t in range(8):
         if t not in kept_after_0:
@@ -178,7 +178,7 @@ def test_gaussian_mode_mixes_recursion_outputs():
     w = torch.softmax(-((torch.arange(1, 4.0) - mu.unsqueeze(-1)) ** 2) / (2 * 0.8 ** 2), dim=-1)
     h, mixed = x, torch.zeros_like(x)
     for r in range(3):
-        h = h + block.block.residual_update(h + block.recursion_emb[r], pos, cache)
+        h = h + block.block.residual_update(h + block.recursion_emb[r], pos, cache)[0]
         mixed = mixed + w[..., r:r + 1] * h
     torch.testing.assert_close(delta, mixed - x, atol=1e-5, rtol=1e-4)
     assert stats["mor_depth_hist"].sum().item() == pytest.approx(1.0)

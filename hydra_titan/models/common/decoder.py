@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .init import trunc_normal_
+from .moe import MoE
 from .norms import RMSNorm
 from .rope import rope_cache
 from .validation import check_token_ids
@@ -31,6 +32,8 @@ class Decoder(nn.Module):
         self.layers = layers
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # layers that carry experts, in the row order of the `moe_load` output
+        self.moe_layer_ids = [int(i) for i, layer in layers.items() if any(isinstance(m, MoE) for m in layer.modules())]
         self.register_buffer("rope_cache", rope_cache(args.head_dim, args.max_seq_len, args.rope_theta),
                              persistent=False)
 

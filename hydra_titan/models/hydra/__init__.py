@@ -1,16 +1,27 @@
-"""HYDRA: CCGQA attention + Mixture-of-Depths + Mixture-of-Recursions."""
+"""HYDRA: CCGQA attention + Mixture-of-Depths + Mixture-of-Recursions (+ an optional MoE FFN).
 
-from ..registry import ModelSpec, ParallelizeOptions, register_model_spec
+The original HYDRA's class names (seeds 000/004) are kept as aliases:
+`CCGQAMoDMoRModel` (the model), `CCGQAMoDBlockWrapper` (a layer: a MoR block,
+wrapped by its MoD router when it routes) and `CCGQAMoRBlock` (the MoR block).
+"""
+
+from ..registry import ModelSpec, register_model_spec
 from .args import HYDRA_FLAVORS, HydraModelArgs
-from .ccgqa import CCGQABlock, CCGQAttention
+from .ccgqa import CCGQAAttention, CCGQABlock
 from .factory import create_ccgqa_mod_mor_model
 from .flops import hydra_flops_per_token, hydra_active_params
 from .model import HydraLayer, HydraModel
 from .mod import MoDRouter
 from .mor import MoRBlock
 
-__all__ = ["HydraModelArgs", "HYDRA_FLAVORS", "HydraModel", "HydraLayer", "CCGQABlock", "CCGQAttention",
-           "MoDRouter", "MoRBlock", "create_ccgqa_mod_mor_model", "hydra_flops_per_token", "hydra_active_params", "HYDRA_SPEC"]
+# the original HYDRA's names for the same classes
+CCGQAMoDMoRModel = HydraModel
+CCGQAMoDBlockWrapper = HydraLayer
+CCGQAMoRBlock = MoRBlock
+
+__all__ = ["HydraModelArgs", "HYDRA_FLAVORS", "HydraModel", "HydraLayer", "CCGQABlock", "CCGQAAttention",
+           "MoDRouter", "MoRBlock", "CCGQAMoDMoRModel", "CCGQAMoDBlockWrapper", "CCGQAMoRBlock",
+           "create_ccgqa_mod_mor_model", "hydra_flops_per_token", "hydra_active_params", "HYDRA_SPEC"]
 
 HYDRA_SPEC = register_model_spec(ModelSpec(
     name="hydra",
@@ -19,6 +30,4 @@ HYDRA_SPEC = register_model_spec(ModelSpec(
     flavors=HYDRA_FLAVORS,
     flops_per_token=hydra_flops_per_token,
     active_params=hydra_active_params,
-    # routers are [1, dim] linears: tiny, and their logits drive top-k, so keep them in high precision
-    parallelize_options=ParallelizeOptions(float8_skip_fqns=("output", "router")),
 ))

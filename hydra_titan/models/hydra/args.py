@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from ..common.args import check_heads, check_positive, replace_args
 from ..common.ffn import swiglu_hidden_dim
+from ..common.moe import MoEArgs
 
 MoDMode = Literal["topk", "soft"]
 MoRMode = Literal["topk", "gaussian"]
@@ -27,7 +28,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class HydraModelArgs:
+class HydraModelArgs(MoEArgs):
+    """HYDRA's sizes, CCGQA, MoD and MoR settings; the MoE fields (moe_num_experts > 0 swaps each chosen
+    block's SwiGLU for experts, shared across its recursions like the rest of the block) come from MoEArgs."""
+
     # sizes
     vocab_size: int = 100_352
     dim: int = 512
@@ -44,7 +48,7 @@ class HydraModelArgs:
     # CCGQA
     conv_kernel_seq: int = 2    # depthwise causal conv along the sequence
     conv_kernel_ch: int = 2     # per-head channel-mixing causal conv
-    value_shift: bool = True    # half of the KV heads read the previous token's value
+    value_shift: bool = True    # the last floor(n_kv_heads/2) KV heads read the previous token's value
     attn_backend: str = "sdpa"
     # Mixture-of-Depths
     mod_capacity: float = 0.75
@@ -97,6 +101,9 @@ class HydraModelArgs:
         r = self.recursions
         return tuple((r - i) / r for i in range(r))
 
+    def is_block_moe(self, layer_id: int) -> bool:
+        return self.is_moe_layer(layer_id, self.n_mor_blocks)
+
     def is_mod_layer(self, layer_id: int) -> bool:
         return self.mod_every > 0 and (layer_id + 1) % self.mod_every == 0
 
@@ -120,10 +127,6 @@ class HydraModelArgs:
             raise ValueError(
                 f"dim ({self.dim}) must be divisible by n_kv_heads*head_dim ({self.n_kv_heads}*{self.head_dim}): "
                 "the key/value compression dim/(n_kv_heads*head_dim) must be an integer")
-        if self.value_shift and self.n_kv_heads % 2:
-            raise ValueError(
-                f"n_kv_heads must be even when value_shift=True (half the KV heads see the previous "
-                f"token), got n_kv_heads={self.n_kv_heads}")
         if not 0.0 < self.mod_capacity <= 1.0:
             raise ValueError(f"mod_capacity must be in (0, 1], got {self.mod_capacity}")
         if self.mod_every < 0:
@@ -138,6 +141,7 @@ class HydraModelArgs:
             raise ValueError(f"mor_capacities must not increase with the recursion step, got {caps}")
         if self.mor_gaussian_sigma <= 0:
             raise ValueError(f"mor_gaussian_sigma must be positive, got {self.mor_gaussian_sigma}")
+        self.validate_moe(self.dim, self.ffn_hidden_dim, self.n_mor_blocks)
 
 
 

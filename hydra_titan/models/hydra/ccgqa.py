@@ -6,7 +6,8 @@ through two causal convolutions (a depthwise one along the sequence, then one
 that mixes channels within each head), are coupled through the mean of the
 pre-convolution latents, L2-normalised with a learnable per-KV-head
 temperature, rotated by RoPE at their original positions, and attended with
-GQA. Half of the value heads read the previous token (value shift).
+GQA. Half of the value heads read the previous token (value shift; with an
+odd number the last floor(h_k/2), so one KV head shifts none).
 
 The convolutions are written as sums of shifted copies rather than
 `nn.Conv1d`: torch.compile fuses them into neighbouring kernels, which made the
@@ -85,7 +86,7 @@ class CausalHeadConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
 
-class CCGQAttention(nn.Module):
+class CCGQAAttention(nn.Module):
     def __init__(self, args: HydraModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -116,8 +117,9 @@ class CCGQAttention(nn.Module):
         k = k + mean_q.mean(dim=3)
 
         v = v.view(bsz, seq_len, hk, hd)
-        if self.value_shift:
-            v = torch.cat([v[:, :, : hk // 2], causal_shift(v[:, :, hk // 2:], 1)], dim=2)
+        if self.value_shift and hk > 1:  # the last floor(hk/2) heads read the previous token (hk = 1: none)
+            current = hk - hk // 2
+            v = torch.cat([v[:, :, :current], causal_shift(v[:, :, current:], 1)], dim=2)
 
         # ||q|| = ||k|| = sqrt(hd); keys scaled by beta. SDPA applies 1/sqrt(hd) once.
         q = rms_normalize(q)
@@ -137,8 +139,11 @@ class CCGQAttention(nn.Module):
 
 
 class CCGQABlock(PreNormBlock):
-    """A HYDRA block: CCGQA attention in the shared pre-norm block (MoR applies it up to R times)."""
+    """A HYDRA block: CCGQA attention in the shared pre-norm block (MoR applies it up to R times).
 
-    def __init__(self, args: HydraModelArgs):
-        super().__init__(CCGQAttention(args), dim=args.dim, ffn_hidden_dim=args.ffn_hidden_dim,
-                         norm_eps=args.norm_eps)
+    `moe`: this block's FFN is the MoE of `args` (its experts are shared across the recursions).
+    """
+
+    def __init__(self, args: HydraModelArgs, moe: bool = False):
+        super().__init__(CCGQAAttention(args), dim=args.dim, ffn_hidden_dim=args.ffn_hidden_dim,
+                         norm_eps=args.norm_eps, moe=args if moe else None)

@@ -1,14 +1,18 @@
 """`create_ccgqa_mod_mor_model`: the original HYDRA README's entry point.
 
-Kept so that code written against the original package runs unchanged:
+Kept so that code written against the original package runs unchanged (the
+original README's example, verbatim):
 
     model = create_ccgqa_mod_mor_model(vocab_size=32000, dim=768, n_mor_blocks=8, recursions=4,
-                                       n_heads=6, n_kv_heads=2, compression_factor=2, capacity_ratio=0.75)
+                                       n_heads=12, n_kv_heads=3, compression_factor=4, capacity_ratio=0.75)
     out = model(input_ids); out["logits"], out["aux_loss"], out["ponder_loss"]
 
 As in the original, `compression_factor` shrinks the query space to
-dim / compression_factor, split into `n_heads` heads (head_dim follows); the
-key/value space holds `n_kv_heads` heads of the same width.
+dim / compression_factor, split into `n_heads` heads (head_dim follows: 16
+above, thinner than the flavors' 64/128, which SDPA runs much faster); the
+key/value space holds `n_kv_heads` heads of the same width (3 above: the last
+one reads the previous token's value). Any HydraModelArgs field is a keyword,
+e.g. `moe_num_experts=8` for a MoE HYDRA.
 """
 
 from __future__ import annotations

@@ -5,24 +5,26 @@ that passes through it (forward + backward); the LM head counts, the embedding
 lookup does not; attention costs 12 * heads * head_dim * keys per query token,
 with no causal discount. Capacities are applied exactly as the model applies
 them (k = ceil(capacity * n) at each level), so the count is what the step
-executes, not an idealisation.
+executes, not an idealisation. A MoE block's FFN counts its router, the k
+chosen experts and the shared ones, not all E.
 """
 
 from __future__ import annotations
 
+from ..common.moe import ffn_active_params
 from ..registry import FlopCount
 from .args import HydraModelArgs
 from .routing import kept_counts, static_capacity
 
 
-def block_weight_params(args: HydraModelArgs) -> int:
-    """Weights a token multiplies through in one CCGQABlock application (norm gains excluded)."""
+def block_weight_params(args: HydraModelArgs, layer_id: int = 0) -> int:
+    """Weights a token multiplies through in one application of block `layer_id` (norm gains excluded)."""
     q_dim, kv_dim, hd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.head_dim
     qkv = args.dim * (q_dim + 2 * kv_dim)
     seq_convs = (q_dim + kv_dim) * args.conv_kernel_seq
     head_convs = (args.n_heads + args.n_kv_heads) * args.conv_kernel_ch * hd * hd
     wo = q_dim * args.dim
-    ffn = 3 * args.dim * args.ffn_hidden_dim
+    ffn = ffn_active_params(args, args.dim, args.ffn_hidden_dim, args.is_block_moe(layer_id))
     return qkv + seq_convs + head_convs + wo + ffn
 
 
@@ -37,10 +39,10 @@ def _tokens_per_step(args: HydraModelArgs, layer_id: int, seq_len: int, dense: b
 
 def _per_token(args: HydraModelArgs, seq_len: int, dense: bool) -> tuple[float, float]:
     """(weight-params applied per token, attention FLOPs per token), averaged over the sequence."""
-    p_block = block_weight_params(args)
     attn_per_query_key = 12 * args.n_heads * args.head_dim
     params, attn = 0.0, 0.0
     for layer_id in range(args.n_mor_blocks):
+        p_block = block_weight_params(args, layer_id)
         n_in, steps = _tokens_per_step(args, layer_id, seq_len, dense)
         if args.is_mod_layer(layer_id):
             params += args.dim                          # MoD router on every token

@@ -7,7 +7,8 @@ lives inside it, so its weights are gathered once per forward.
 
 `forward` returns a mapping (DESIGN §3): `logits`, `aux_loss` (router losses
 already weighted by the model's coefficients), `ponder_loss`, and routing
-statistics as tensors, so nothing in the hot path syncs with the host.
+statistics as tensors (`moe_load` [MoE blocks, E] when blocks carry experts),
+so nothing in the hot path syncs with the host.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..common.decoder import Decoder
+from ..common.moe import moe_model_outputs
 from .args import HydraModelArgs
 from .mod import MoDRouter
 from .mor import MoRBlock
@@ -25,7 +27,7 @@ class HydraLayer(nn.Module):
     def __init__(self, layer_id: int, args: HydraModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.mor = MoRBlock(args)
+        self.mor = MoRBlock(args, moe=args.is_block_moe(layer_id))
         self.mod = (MoDRouter(args.dim, args.mod_capacity, args.mod_mode, args.eval_routing)
                     if args.is_mod_layer(layer_id) else None)
 
@@ -69,6 +71,9 @@ class HydraModel(Decoder):
                     (self.args.mor_z_loss_weight, mor_z))
         # zero-weight terms are left out, not multiplied by 0: no backward kernels for them
         aux_loss = sum((w * term for w, term in weighted if w != 0), mor_aux.new_zeros(()))
+        moe_aux, moe_outputs = moe_model_outputs(per_layer, self.args)  # MoE blocks only
+        if moe_aux is not None:
+            aux_loss = aux_loss + moe_aux
         return {
             "aux_loss": aux_loss,
             "ponder_loss": stack("ponder").mean(),
@@ -76,4 +81,5 @@ class HydraModel(Decoder):
             "mor_aux_loss": mor_aux.detach(),
             "mod_selected_frac": stack("mod_frac").detach(),
             "mor_depth_hist": stack("mor_depth_hist").detach(),
+            **moe_outputs,
         }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.init import trunc_normal_
+from ..common.moe import merge_moe_stats
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
 from .routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
@@ -41,7 +42,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class MoRBlock(nn.Module):
-    def __init__(self, args: HydraModelArgs):
+    def __init__(self, args: HydraModelArgs, moe: bool = False):
         super().__init__()
         self.recursions = args.recursions
         self.capacities = args.mor_step_capacities
@@ -50,7 +51,7 @@ class MoRBlock(nn.Module):
         self.alpha = args.mor_router_alpha
         self.sigma = args.mor_gaussian_sigma
         self.z_loss = args.mor_z_loss_weight > 0
-        self.block = CCGQABlock(args)
+        self.block = CCGQABlock(args, moe=moe)
         self.routers = nn.ModuleList(nn.Linear(args.dim, 1, bias=False) for _ in range(args.recursions))
         self.recursion_emb = nn.Parameter(torch.empty(args.recursions, args.dim))
 
@@ -78,7 +79,7 @@ class MoRBlock(nn.Module):
         active_valid = valid
         # top-k depths follow from the static capacities; only threshold routing needs counting
         depth = None if self.routing_mode() == "topk" else x.new_zeros((bsz, n_tokens), dtype=torch.float32)
-        aux, z, ponder = [], [], []
+        aux, z, ponder, ffn_stats = [], [], [], []
         for step in range(self.recursions):
             logits = router_logits(h, self.routers[step].weight)   # one dot product per token
             act_logits = _take(logits, active)
@@ -92,7 +93,8 @@ class MoRBlock(nn.Module):
             if sel_valid is not None:
                 gate = gate * sel_valid
             block_in = _take(h, idx) + self.recursion_emb[step].to(h.dtype)
-            delta = self.block.residual_update(block_in, _take(positions, idx), rope_cache)
+            delta, step_stats = self.block.residual_update(block_in, _take(positions, idx), rope_cache)
+            ffn_stats.append(step_stats)
             update = (gate.unsqueeze(-1) * delta).to(h.dtype)
             h = h + update if idx is None else scatter_add_tokens(h, idx, update)
             if depth is not None:
@@ -113,6 +115,7 @@ class MoRBlock(nn.Module):
             "ponder": torch.stack(ponder).mean(),
             "mor_depth_hist": (self._static_depth_histogram(n_tokens, x.device) if depth is None
                                else self._depth_histogram(depth, valid)),
+            **merge_moe_stats(ffn_stats),  # expert loads over the recursion steps (MoE blocks only)
         }
         return h - x, stats
 
@@ -161,14 +164,17 @@ class MoRBlock(nn.Module):
         mu = 1.0 + torch.sigmoid(router_logits(x, self.routers[0].weight)) * (self.recursions - 1)
         depths = torch.arange(1, self.recursions + 1, device=x.device, dtype=torch.float32)
         weights = torch.softmax(-((depths - mu.unsqueeze(-1)) ** 2) / (2 * self.sigma ** 2), dim=-1)
-        h, mixed = x, torch.zeros_like(x)
+        h, mixed, ffn_stats = x, torch.zeros_like(x), []
         for step in range(self.recursions):
-            h = h + self.block.residual_update(h + self.recursion_emb[step].to(h.dtype), positions, rope_cache)
+            delta, step_stats = self.block.residual_update(h + self.recursion_emb[step].to(h.dtype), positions,
+                                                           rope_cache)
+            h = h + delta
+            ffn_stats.append(step_stats)
             mixed = mixed + weights[..., step: step + 1].to(x.dtype) * h
         hist = torch.cat([weights.new_zeros(1), weights.mean(dim=(0, 1))])
         zero = x.new_zeros((), dtype=torch.float32)
         stats = {"mor_aux": zero, "mor_z": zero, "ponder": ((weights * depths).sum(-1).mean()) / self.recursions,
-                 "mor_depth_hist": hist}
+                 "mor_depth_hist": hist, **merge_moe_stats(ffn_stats)}
         return mixed - x, stats
 
     def init_weights(self, init_std: float, out_std: float) -> None:

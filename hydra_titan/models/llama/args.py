@@ -13,11 +13,14 @@ from typing import Any
 
 from ..common.args import check_heads, check_positive, replace_args
 from ..common.ffn import swiglu_hidden_dim
+from ..common.moe import MoEArgs
 from ..hydra.args import HYDRA_FLAVORS
 
 
 @dataclass
-class LlamaModelArgs:
+class LlamaModelArgs(MoEArgs):
+    """Sizes of the dense baseline; the MoE fields (moe_num_experts > 0 swaps FFNs for experts) come from MoEArgs."""
+
     vocab_size: int = 100_352
     dim: int = 512
     n_layers: int = 2
@@ -34,6 +37,7 @@ class LlamaModelArgs:
     def __post_init__(self) -> None:
         check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"))
         check_heads(self.n_heads, self.n_kv_heads, self.head_dim)
+        self.validate_moe(self.dim, self.ffn_hidden_dim, self.n_layers)
 
     @property
     def ffn_hidden_dim(self) -> int:

@@ -2,7 +2,8 @@
 
 Keeps the same decoder contract (tok_embeddings, layers ModuleDict, norm,
 output, init_weights) and the same output mapping as HYDRA; its router terms
-are zero, so the loss and metrics code needs no special case.
+are zero (but the MoE Switch loss, when asked for), so the loss and metrics
+code needs no special case.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..common.attention import get_attention_backend
 from ..common.decoder import Decoder
 from ..common.block import PreNormBlock
 from ..common.init import trunc_normal_
+from ..common.moe import moe_model_outputs
 from ..common.rope import apply_rope
 from .args import LlamaModelArgs
 
@@ -41,22 +43,26 @@ class GQAttention(nn.Module):
 
 
 class TransformerBlock(PreNormBlock):
-    """A Llama block: grouped-query attention in the shared pre-norm block."""
+    """A Llama block: grouped-query attention in the shared pre-norm block (with a MoE FFN on MoE layers)."""
 
-    def __init__(self, args: LlamaModelArgs):
+    def __init__(self, args: LlamaModelArgs, layer_id: int = 0):
         super().__init__(GQAttention(args), dim=args.dim, ffn_hidden_dim=args.ffn_hidden_dim,
-                         norm_eps=args.norm_eps)
+                         norm_eps=args.norm_eps, moe=args if args.is_moe_layer(layer_id, args.n_layers) else None)
 
 
 class LlamaModel(Decoder):
     def __init__(self, args: LlamaModelArgs):
-        layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         super().__init__(args, layers, residual_depth=args.n_layers)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         h, positions = self.embed(tokens, positions)
+        per_layer = []
         for layer in self.layers.values():
-            h = layer(h, positions, self.rope_cache)
+            h, stats = layer(h, positions, self.rope_cache)
+            per_layer.append(stats)
         logits = self.head(h)
         zero = logits.new_zeros((), dtype=torch.float32)
-        return {"logits": logits, "aux_loss": zero, "ponder_loss": zero}
+        moe_aux, moe_outputs = moe_model_outputs(per_layer, self.args)  # nothing for a dense model
+        return {"logits": logits, "aux_loss": zero if moe_aux is None else moe_aux, "ponder_loss": zero,
+                **moe_outputs}
