@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from .components.checkpoint import CheckpointManager
+from .components.checkpoint import CheckpointError, CheckpointManager
 from .components.dataloader import PackedWindows, TokenDataLoader, load_windows, split_loader
 from .components.loss import build_loss_fn, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler, fit_warmup
-from .components.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, routing_scalars
+from .components.metrics import (MetricsLogger, Throughput, moe_load_scalars, peak_flops, peak_memory_gib,
+                                 routing_scalars)
 from .components.optimizer import build_optimizer
 from .components.tokenizer import Tokenizer, build_tokenizer
 from .config import ConfigError, JobConfig, parse_or_exit, save_config
@@ -34,6 +35,7 @@ from .distributed.compile import eager_eval
 from .distributed.float8 import precompute_float8_scales
 from .distributed.init import init_model_weights
 from .models import ModelSpec, get_model_spec
+from .models.common.moe import update_expert_biases
 
 logger = logging.getLogger("hydra_titan")
 
@@ -145,8 +147,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
                                      tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder,
                                      rank=self.dist.rank)
-        if self.is_rank0:
-            save_config(cfg, self.dump_folder / "config.toml")
+        self._restored = False
         self._stop_signal: int | None = None
 
     def _split_loader(self, windows: PackedWindows, split: str) -> TokenDataLoader:
@@ -163,12 +164,15 @@ class Trainer:
         dp_scale = float(self.parallel_dims.dp_world_size)
         parts_sum: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
+        moe_load = None  # expert loads [MoE layers, E] summed over the micro-batches
         for (inputs, _), labels in zip(micro_batches, labels_all):
             outputs = self.model(inputs.to(self.device, non_blocking=True))
             loss, parts = self.loss_fn(outputs, labels, global_tokens)
             # keep the routing statistics, not the [B, S, V] logits: held by the returned result,
             # they would stay allocated through the next micro-batch or step
             stats = {k: v.detach() for k, v in outputs.items() if k != "logits"}
+            if "moe_load" in stats:
+                moe_load = stats["moe_load"] if moe_load is None else moe_load + stats["moe_load"]
             del outputs
             (loss * dp_scale).backward()
             for key, value in {"total": loss.detach(), **parts}.items():
@@ -177,6 +181,10 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if moe_load is not None:
+            # the step's global loads (one small device all-reduce, no host sync) move the balancing biases
+            stats["moe_load"] = all_reduce(moe_load)
+            update_expert_biases(self.model, stats["moe_load"])
         if self.cfg.float8.enable and self.cfg.float8.enable_fsdp_float8_all_gather:
             precompute_float8_scales(self.model)
         return {"parts": parts_sum, "grad_norm": grad_norm, "stats": stats}
@@ -213,14 +221,25 @@ class Trainer:
         flag = torch.tensor([0 if self._stop_signal is None else 1], dtype=torch.int32)
         return bool(all_reduce(flag, "max", group=self.dist.cpu_group).item())
 
+    def restore(self) -> None:
+        """Load the newest complete checkpoint (a mismatching one raises CheckpointError), then save the
+        resolved config: a run that cannot start leaves the dump folder as it found it."""
+        self.checkpointer.load()
+        self._restored = True
+        if self.is_rank0:
+            save_config(self.cfg, self.dump_folder / "config.toml")
+            logger.info("resolved config saved to %s", self.dump_folder / "config.toml")
+
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.training
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.checkpointer.load()
+        if not self._restored:
+            self.restore()
         data_iter = iter(self.train_loader)
         throughput = Throughput(self.flops.executed, peak_flops(self.device))
         tokens_per_step = t.local_batch_size * t.seq_len * t.gradient_accumulation_steps
+        moe_window = None  # expert loads [MoE layers, E] summed since the last log step (device tensor)
         gc.disable()
         logger.info("training %s/%s from step %d to %d on %d rank(s), %s", cfg.model.name, cfg.model.flavor,
                     self.state.step, t.steps, self.dist.world_size, self.device)
@@ -231,9 +250,14 @@ class Trainer:
             result = self.train_step(batches)
             self.state.tokens_seen += tokens_per_step * self.parallel_dims.dp_world_size
             throughput.add_tokens(tokens_per_step)
+            if "moe_load" in result["stats"]:  # expert loads are reported over the whole log interval
+                load = result["stats"]["moe_load"]
+                moe_window = load if moe_window is None else moe_window + load
             if step % t.gc_freq == 0:
                 gc.collect(1)
             if step % cfg.metrics.log_freq == 0 or step == 1 or step == t.steps:
+                if moe_window is not None:
+                    result["stats"]["moe_load"], moe_window = moe_window, None
                 self._log_step(step, result, throughput)
             if self.val_loader is not None and (step % cfg.validation.freq == 0 or step == t.steps):
                 val_loss = self.validate()
@@ -262,14 +286,17 @@ class Trainer:
                    "memory/peak_gib": peak_memory_gib(self.device)}
         if "mfu" in speed:
             scalars["throughput/mfu_pct"] = speed["mfu"]
+        moe = moe_load_scalars(result["stats"], self.model.moe_layer_ids)
+        scalars.update(moe)
         if step % self.cfg.metrics.routing_stats_freq == 0 or step == 1:
-            scalars.update(routing_scalars(result["stats"]))
+            scalars.update(routing_scalars(result["stats"], self.model.moe_layer_ids))
         self.metrics.log(step, scalars)
         mfu = f"  mfu {speed['mfu']:.1f}%" if "mfu" in speed else ""
+        experts = (f"  expert load max/min {moe['moe/load_max_over_min']:.2f} (worst layer)" if moe else "")
         logger.info("step %5d  loss %.4f (ce %.4f aux %.4g ponder %.4g)  grad_norm %.3f  lr %.3e  "
-                    "tok/s/dev %.0f%s  mem %.2f GiB", step, loss, parts["ce"], parts.get("aux", 0.0),
+                    "tok/s/dev %.0f%s  mem %.2f GiB%s", step, loss, parts["ce"], parts.get("aux", 0.0),
                     parts.get("ponder", 0.0), scalars["grad_norm"], scalars["lr"], speed["tokens_per_sec"], mfu,
-                    scalars["memory/peak_gib"])
+                    scalars["memory/peak_gib"], experts)
 
 
 def init_logging(rank: int) -> None:
@@ -284,11 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_or_exit(argv)
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        trainer.restore()  # a checkpoint of another model (say dense into MoE) is a start-up error
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
         logger.error("start-up failed: %s", e)
         shutdown_and_exit(2)
         return
-    logger.info("resolved config saved to %s", Path(cfg.job.dump_folder) / "config.toml")
     start = time.perf_counter()
     try:
         code = trainer.train()

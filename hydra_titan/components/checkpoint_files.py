@@ -238,3 +238,32 @@ def dcp_mismatch_keys(err: BaseException) -> list[str]:
         for m in pattern.finditer(text):
             found.append(" ".join(m.groups()) if len(m.groups()) > 1 else m.group(1))
     return sorted(set(found))
+
+
+def load_model_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"
+                               ) -> tuple[torch.nn.Module, str, Any, Path]:
+    """(model, model name, model args, checkpoint folder) rebuilt from a checkpoint's metadata and weights.
+
+    `path` is a ``step-N`` folder or a checkpoint folder (its newest complete checkpoint). The model is
+    built from the recorded name and args, then loaded strictly (buffers such as MoE expert biases too).
+    One process, no process group; for diagnostics and inference, not for resuming a run.
+    """
+    from ..models import get_model_spec  # the registry, imported here: the trainer's manager never needs it
+
+    folder = resolve_checkpoint_dir(path)
+    meta = read_meta(folder) or {}
+    name, raw_args = meta.get("model_name"), meta.get("model_args")
+    if not name or raw_args is None:
+        raise CheckpointError(f"{folder} records no model name and args ({META_FILE}); cannot rebuild its model")
+    spec = get_model_spec(name)
+    args = spec.args_cls(**raw_args)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    model.to_empty(device=device)
+    model.init_buffers(device)
+    weights = load_model_weights(folder)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not fit a {name} model built from its own args: missing "
+                              f"{shorten(sorted(missing))}; unexpected {shorten(sorted(unexpected))}")
+    return model, name, args, folder

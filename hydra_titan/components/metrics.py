@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..models.common.moe import expert_load_summary
+
 logger = logging.getLogger(__name__)
 
 # dense bf16 tensor-core peak (spec sheet), FLOP/s, by a substring of the device name
@@ -64,26 +66,33 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Writes scalars to TensorBoard and one JSON object per log step to metrics.jsonl."""
+    """Writes scalars to TensorBoard and one JSON object per log step to metrics.jsonl.
+
+    The files are opened at the first `log`, so a run that fails at start-up leaves none behind.
+    """
 
     def __init__(self, folder: Path, *, enabled: bool, tensorboard: bool, tb_folder: str, rank: int = 0):
         self.enabled = enabled
+        self.folder, self.tensorboard, self.tb_folder, self.rank = folder, tensorboard, tb_folder, rank
         self._writer = None
         self._jsonl = None
-        if not enabled:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         # rank 0 writes metrics.jsonl and tb/; other ranks (metrics.rank_0_only = false) their own files
-        suffix = "" if rank == 0 else f"_rank{rank}"
-        self._jsonl = open(folder / f"metrics{suffix}.jsonl", "a", encoding="utf-8")
-        if tensorboard:
+        suffix = "" if self.rank == 0 else f"_rank{self.rank}"
+        self._jsonl = open(self.folder / f"metrics{suffix}.jsonl", "a", encoding="utf-8")
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(folder / tb_folder / (f"rank{rank}" if rank else "")))
+            self._writer = SummaryWriter(log_dir=str(self.folder / self.tb_folder /
+                                                     (f"rank{self.rank}" if self.rank else "")))
 
     def log(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._jsonl is None:
+            self._open()
         if self._writer is not None:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, step)
@@ -97,9 +106,30 @@ class MetricsLogger:
             self._jsonl.close()
 
 
-def routing_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-block MoD selected fraction and MoR depth histogram / mean depth, as flat scalars."""
+def moe_load_scalars(outputs: dict[str, torch.Tensor], moe_layer_ids: list[int]) -> dict[str, float]:
+    """Every log step: the worst MoE layer's expert load max/min, lowest load entropy, most dead experts.
+
+    `outputs["moe_load"]` is the global load [MoE layers, E] (the trainer sums it over the log interval);
+    one host copy for all three.
+    """
+    if "moe_load" not in outputs or not moe_layer_ids:
+        return {}
+    s = expert_load_summary(outputs["moe_load"])
+    worst = torch.stack([s["max_over_min"].max(), s["entropy"].min(), s["dead_experts"].max()]).tolist()
+    return dict(zip(("moe/load_max_over_min", "moe/load_entropy_min", "moe/dead_experts_max"), worst))
+
+
+def routing_scalars(outputs: dict[str, torch.Tensor], moe_layer_ids: list[int] | None = None) -> dict[str, float]:
+    """Per-block MoD selected fraction, MoR depth histogram / mean depth and, per MoE layer (named by its
+    layer id), expert load max/min, entropy and dead experts, as flat scalars."""
     scalars: dict[str, float] = {}
+    if "moe_load" in outputs and moe_layer_ids:
+        summary = expert_load_summary(outputs["moe_load"])
+        table = torch.stack([summary[k] for k in ("max_over_min", "entropy", "dead_experts")], dim=1).tolist()
+        for layer_id, (ratio, entropy, dead) in zip(moe_layer_ids, table):
+            scalars[f"routing/moe_load_max_over_min/layer_{layer_id}"] = ratio
+            scalars[f"routing/moe_load_entropy/layer_{layer_id}"] = entropy
+            scalars[f"routing/moe_dead_experts/layer_{layer_id}"] = dead
     if "mod_selected_frac" in outputs:
         for i, frac in enumerate(outputs["mod_selected_frac"].tolist()):
             scalars[f"routing/mod_selected_frac/block_{i}"] = frac
