@@ -1,7 +1,8 @@
 """Build a JobConfig from defaults, a TOML file and command-line overrides.
 
-Precedence, lowest to highest: dataclass defaults, ``--config FILE`` (TOML),
-then ``--section.key value`` / ``--section.key=value`` arguments in the order
+Precedence, lowest to highest: dataclass defaults, ``--config FILE`` (TOML;
+a bare name such as ``1B.toml`` that is not a file is looked up in
+``train_configs/``), then ``--section.key value`` / ``--section.key=value`` arguments in the order
 given. Every key and value is checked against the schema in ``job_config.py``
 before a run starts, so a typo fails in milliseconds with a message that names
 the key and suggests the fix, instead of being ignored or failing hours later.
@@ -77,6 +78,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
 
     raw: RawConfig = {}
     if config_path is not None:
+        config_path = str(resolve_config_path(config_path))
         _merge_toml(raw, _read_toml(config_path), where=f"in {config_path}")
     for name, text in overrides:
         _apply_cli_override(raw, name, text)
@@ -174,7 +176,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[tuple[str, str | None
         i += 1
         if name == "config":
             if value is None:
-                raise ConfigError("--config needs a path to a TOML file")
+                raise ConfigError("--config needs a path to a TOML file (or a name in train_configs/)")
             if config_path is not None:
                 raise ConfigError(f"--config given twice ({config_path} and {value})")
             config_path = value
@@ -183,11 +185,34 @@ def _split_args(args: list[str]) -> tuple[str | None, list[tuple[str, str | None
     return config_path, overrides
 
 
+def config_dirs() -> list[Path]:
+    """Where a bare config name is looked up: ./train_configs, then the checkout's train_configs."""
+    dirs = [Path.cwd() / "train_configs", Path(__file__).resolve().parents[2] / "train_configs"]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [e.resolve() for e in dirs[:i]]]
+
+
+def resolve_config_path(path: str) -> Path:
+    """`path` itself when it is a file; else a bare name (`1B.toml`, or `1B`) found in `config_dirs()`.
+
+    Neither: a ConfigError that lists the configs there are.
+    """
+    file = Path(path)
+    if file.is_file():
+        return file
+    if len(file.parts) == 1:  # a name, not a path
+        for folder in config_dirs():
+            for candidate in (folder / path, folder / f"{path}.toml"):
+                if candidate.is_file():
+                    return candidate
+    names = sorted({p.name for d in config_dirs() for p in d.glob("*.toml")})
+    where = " or ".join(str(d) for d in config_dirs()) or "train_configs/ (none found)"
+    raise ConfigError(f"config file not found: {path} (neither a file nor a name in {where}); "
+                      f"available configs: {', '.join(names) or 'none'}")
+
+
 def _read_toml(path: str) -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file is a ConfigError naming it."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    file = resolve_config_path(path)
     try:
         with file.open("rb") as fh:
             return tomllib.load(fh)

@@ -349,3 +349,32 @@ def test_config_to_dict_is_a_deep_copy():
         "job", "model", "training", "optimizer", "lr_scheduler", "data", "tokenizer", "parallelism",
         "checkpoint", "activation_checkpoint", "compile", "float8", "metrics", "validation",
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- config names
+
+def test_a_bare_config_name_is_found_in_train_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the name still resolves to its train_configs/
+    assert load_config(["--config", "1B.toml"]).model.flavor == "1B"
+    cfg = load_config(["--config", "llama_1B"])  # the .toml may be left out
+    assert (cfg.model.name, cfg.model.flavor) == ("llama", "1B")
+
+
+def test_a_path_wins_over_a_config_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "1B.toml").write_text('[model]\nflavor = "250M"\n')
+    assert load_config(["--config", "1B.toml"]).model.flavor == "250M"
+
+
+def test_an_unknown_config_name_lists_the_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="config file not found: 3B.toml") as e:
+        load_config(["--config", "3B.toml"])
+    assert "available configs:" in str(e.value) and "1B.toml" in str(e.value) and "moe_500M.toml" in str(e.value)
+
+
+def test_the_trainer_lists_the_configs_for_an_unknown_name(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    bad = subprocess.run([sys.executable, str(repo / "train.py"), "--config", "nope.toml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "available configs:" in bad.stderr
