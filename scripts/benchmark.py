@@ -10,6 +10,7 @@ FLOPs (DESIGN §4), TFLOP/s, peak memory. The bf16 GEMM peak is measured once
 
     python scripts/benchmark.py --cases hydra:1B llama:1B --seq-len 2048 --batch 4 --ac selective
     python scripts/benchmark.py --cases hydra:1B --float8 none tensorwise rowwise
+    python scripts/benchmark.py --cases llama:1B llama:1B:moe_num_experts=8,moe_every=2   # dense vs MoE
     torchrun --nproc_per_node=2 scripts/benchmark.py --cases hydra:1B      # FSDP over 2 GPUs
 """
 
@@ -33,6 +34,7 @@ from hydra_titan.components.metrics import peak_flops  # noqa: E402
 from hydra_titan.config import load_config  # noqa: E402
 from hydra_titan.distributed.utils import (DistInfo, all_reduce, init_distributed, resolve_device_type,  # noqa: E402
                                            shutdown_and_exit)
+from hydra_titan.models.common.moe import expert_load_summary  # noqa: E402
 from hydra_titan.train import Trainer  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -72,6 +74,20 @@ def trainer_argv(model: str, flavor: str, *, seq_len: int, batch: int, steps: in
     return argv
 
 
+def parse_case(case: str) -> tuple[str, str, list[str]]:
+    """`model:flavor[:key=value,...]` -> (model, flavor, trainer overrides of the model args)."""
+    parts = case.split(":", 2)
+    if len(parts) < 2:
+        raise SystemExit(f"--cases: {case!r} is not model:flavor[:key=value,...]")
+    overrides = []
+    for item in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--cases: {item!r} in {case!r} is not key=value")
+        overrides += [f"--model.overrides.{key}", value]
+    return parts[0], parts[1], overrides
+
+
 def run_case(argv: list[str], opts, dist_info: DistInfo, peak: float | None) -> dict:
     device = dist_info.device
     cfg = load_config(argv)
@@ -102,6 +118,8 @@ def run_case(argv: list[str], opts, dist_info: DistInfo, peak: float | None) -> 
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
            "first_loss": losses[0], "last_loss": losses[-1],
            "finite": all(math.isfinite(x) for x in losses), "steps": opts.warmup + opts.steps}
+    if "moe_load" in result["stats"]:  # the last step's global expert load, worst layer
+        row["moe_load_max_over_min"] = expert_load_summary(result["stats"]["moe_load"])["max_over_min"].max().item()
     trainer.metrics.close()
     del trainer
     gc.collect()
@@ -113,7 +131,8 @@ def run_case(argv: list[str], opts, dist_info: DistInfo, peak: float | None) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["hydra:1B", "llama:1B"], help="model:flavor ...")
+    parser.add_argument("--cases", nargs="+", default=["hydra:1B", "llama:1B"],
+                        help="model:flavor[:key=value,...] ... (model-arg overrides per case)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4, help="local batch per device")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
@@ -143,13 +162,16 @@ def main() -> None:
         print(json.dumps(header), flush=True)
 
     rows = []
-    for case, compile_, ac, float8 in itertools.product(opts.cases, opts.compile, opts.ac, opts.float8):
-        model, flavor = case.split(":")
+    cases = [parse_case(case) for case in opts.cases]  # all checked before the first case runs
+    for (model, flavor, overrides), compile_, ac, float8 in itertools.product(cases, opts.compile, opts.ac,
+                                                                             opts.float8):
         argv = trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=opts.warmup + opts.steps,
                             ac=ac, compile_=compile_ == "on", float8=float8,
                             fsdp_float8_all_gather=opts.fsdp_float8_all_gather, dtype=opts.dtype,
-                            vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + opts.extra
-        label = {"model": model, "flavor": flavor, "compile": compile_, "ac": ac, "float8": float8}
+                            vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + overrides + opts.extra
+        label = {"model": model, "flavor": flavor + "".join(f" {overrides[i][len('--model.overrides.'):]}="
+                                                           f"{overrides[i + 1]}" for i in range(0, len(overrides), 2)),
+                 "compile": compile_, "ac": ac, "float8": float8}
         try:
             row = {**label, **run_case(argv, opts, dist_info, spec_peak)}
         except Exception as e:  # keep going: one failing case must not hide the others
@@ -162,6 +184,8 @@ def main() -> None:
     if rank0:
         cols = ["model", "flavor", "compile", "ac", "float8", "tokens_per_sec_per_device", "step_ms",
                 "mfu_exec_pct", "mfu_dense_pct", "tflops_exec", "peak_mem_gib", "first_loss", "last_loss"]
+        if any("moe_load_max_over_min" in row for row in rows):
+            cols.append("moe_load_max_over_min")
         print(f"\n{header['device']}, torch {header['torch']}, {world} rank(s), seq {opts.seq_len}, "
               f"local batch {opts.batch}; bf16 GEMM measured {header['measured_bf16_gemm_tflops'] or 0:.0f} "
               f"TFLOP/s, spec {header['spec_bf16_tflops'] or 0:.0f}")

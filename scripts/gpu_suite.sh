@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -70,6 +70,14 @@ perf)
     bench_1b_batch 4 ;;
 batch-*)
     bench_1b_batch "${MODE#batch-}" ;;
+moe-llama|moe-hydra)
+    # the MoE GPU tests, then dense vs 8 experts top-1 on every other layer (same active parameters):
+    # llama 1B (llama_moe_1B.toml) or hydra 500M (moe_500M.toml), local batch $BATCH (default 8)
+    python3 -m pytest -m gpu tests/gpu/test_moe_cuda.py -q -p no:cacheprovider -W ignore::UserWarning 2>&1 \
+        | grep -v "^  \|^$" | tail -25 | tee -a "$OUT/gpu_tests.txt"
+    case "$MODE" in moe-llama) C=llama:1B ;; *) C=hydra:500M ;; esac
+    python3 scripts/benchmark.py --cases $C $C:moe_num_experts=8,moe_every=2 --batch ${BATCH:-8} --steps 20 \
+        --warmup 8 --json "$OUT/bench_$MODE.json" 2>&1 | grep "^| [hl]\|^NVIDIA\|Error" | tee "$OUT/bench_$MODE.txt" ;;
 ckpt)
     # save (sync, then async) and resume the 1B flavor; quote save times and size
     D=/tmp/hydra_ckpt_1b
@@ -86,5 +94,6 @@ ckpt)
     fi
     python3 train.py "${common[@]}" --training.steps 4 --checkpoint.async_mode async --job.dump_folder "$D/async" \
         2>&1 | grep -E "checkpoint|step +[0-9]|Error" | tee -a "$OUT/ckpt.txt" ;;
-*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|float8-<n>|float8-4B|ckpt" >&2; exit 2 ;;
+*) echo "usage: $0 tests|bench-<flavor>|fsdp2|profile|perf|batch-<n>|float8-<n>|float8-4B|ckpt|moe-llama|moe-hydra" >&2
+   exit 2 ;;
 esac

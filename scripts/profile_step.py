@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import trainer_argv  # noqa: E402
+from benchmark import parse_case, trainer_argv  # noqa: E402
 
 from hydra_titan.config import load_config  # noqa: E402
 from hydra_titan.distributed.utils import shutdown_and_exit  # noqa: E402
@@ -66,7 +66,7 @@ def categorise(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", default="hydra:1B")
+    parser.add_argument("--case", default="hydra:1B", help="model:flavor[:key=value,...] as in benchmark.py")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=8)
@@ -81,10 +81,10 @@ def main() -> None:
     opts = parser.parse_args()
     extra = [a for a in opts.extra if a != "--"]
 
-    model, flavor = opts.case.split(":")
+    model, flavor, overrides = parse_case(opts.case)
     cfg = load_config(trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=1000, ac=opts.ac,
                                    compile_=opts.compile == "on", vocab_size=opts.vocab_size,
-                                   dump_folder="/tmp/hydra_titan_profile") + extra)
+                                   dump_folder="/tmp/hydra_titan_profile") + overrides + extra)
     trainer = Trainer(cfg)
     tokens = torch.randint(0, trainer.model_args.vocab_size, (opts.batch, opts.seq_len + 1))
     batch = [(tokens[:, :-1], tokens[:, 1:])]

@@ -153,7 +153,18 @@ def test_model_table_script_lists_every_flavor():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| hydra |") or line.startswith("| llama |")]
+    moe_rows = [r for r in rows if ".toml)" in r]
+    rows = [r for r in rows if r not in moe_rows]
     assert len(rows) == 2 * len(FLAVORS)
+    # the MoE configs: active parameters as the dense flavor's (+ the router), total with every expert
+    assert {r.split("|")[2].strip() for r in moe_rows} == {"500M (moe_500M.toml)", "1B (llama_moe_1B.toml)"}
+    for row in moe_rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        dense = next(r for r in rows if r.startswith(f"| {cells[0]} | {cells[1].split()[0]} |"))
+        dense_cells = [c.strip() for c in dense.strip("|").split("|")]
+        as_number = lambda c: float(c[:-1]) * (1e9 if c.endswith("B") else 1e6)  # noqa: E731
+        assert as_number(cells[6]) == pytest.approx(as_number(dense_cells[6]), rel=0.002)  # active
+        assert as_number(cells[4]) > 2 * as_number(dense_cells[4])  # total: 8 experts on half the layers
     for name in ("hydra", "llama"):
         spec = get_model_spec(name)
         for flavor in FLAVORS:
