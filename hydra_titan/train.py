@@ -35,7 +35,7 @@ from .distributed.compile import eager_eval
 from .distributed.float8 import precompute_float8_scales
 from .distributed.init import init_model_weights
 from .models import ModelSpec, get_model_spec
-from .models.common.moe import update_expert_biases
+from .models.common.moe import moe_layers, update_expert_biases
 
 logger = logging.getLogger("hydra_titan")
 
@@ -120,6 +120,7 @@ class Trainer:
         init_model_weights(self.model, build_unsharded=lambda: self.spec.model_cls(self.model_args),
                            device=self.device, mode=cfg.parallelism.init_mode, seed=cfg.job.seed)
         self.model.train()
+        self.moe_layers = moe_layers(self.model)  # once: the bias update after every step walks this list
 
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, beta1=o.beta1, beta2=o.beta2,
@@ -184,7 +185,7 @@ class Trainer:
         if moe_load is not None:
             # the step's global loads (one small device all-reduce, no host sync) move the balancing biases
             stats["moe_load"] = all_reduce(moe_load)
-            update_expert_biases(self.model, stats["moe_load"])
+            update_expert_biases(self.moe_layers, stats["moe_load"])
         if self.cfg.float8.enable and self.cfg.float8.enable_fsdp_float8_all_gather:
             precompute_float8_scales(self.model)
         return {"parts": parts_sum, "grad_norm": grad_norm, "stats": stats}
@@ -286,10 +287,11 @@ class Trainer:
                    "memory/peak_gib": peak_memory_gib(self.device)}
         if "mfu" in speed:
             scalars["throughput/mfu_pct"] = speed["mfu"]
-        moe = moe_load_scalars(result["stats"], self.model.moe_layer_ids)
+        routing_step = step % self.cfg.metrics.routing_stats_freq == 0 or step == 1
+        moe = moe_load_scalars(result["stats"], self.model.moe_layer_ids, per_layer=routing_step)
         scalars.update(moe)
-        if step % self.cfg.metrics.routing_stats_freq == 0 or step == 1:
-            scalars.update(routing_scalars(result["stats"], self.model.moe_layer_ids))
+        if routing_step:
+            scalars.update(routing_scalars(result["stats"]))
         self.metrics.log(step, scalars)
         mfu = f"  mfu {speed['mfu']:.1f}%" if "mfu" in speed else ""
         experts = (f"  expert load max/min {moe['moe/load_max_over_min']:.2f} (worst layer)" if moe else "")

@@ -74,18 +74,22 @@ def trainer_argv(model: str, flavor: str, *, seq_len: int, batch: int, steps: in
     return argv
 
 
-def parse_case(case: str) -> tuple[str, str, list[str]]:
-    """`model:flavor[:key=value,...]` -> (model, flavor, trainer overrides of the model args)."""
+def parse_case(case: str) -> tuple[str, str, dict[str, str]]:
+    """`model:flavor[:key=value,...]` -> (model, flavor, model-arg overrides)."""
     parts = case.split(":", 2)
     if len(parts) < 2:
         raise SystemExit(f"--cases: {case!r} is not model:flavor[:key=value,...]")
-    overrides = []
+    overrides = {}
     for item in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--cases: {item!r} in {case!r} is not key=value")
-        overrides += [f"--model.overrides.{key}", value]
+        overrides[key] = value
     return parts[0], parts[1], overrides
+
+
+def override_argv(overrides: dict[str, str]) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in (f"--model.overrides.{key}", value)]
 
 
 def run_case(argv: list[str], opts, dist_info: DistInfo, peak: float | None) -> dict:
@@ -168,9 +172,8 @@ def main() -> None:
         argv = trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=opts.warmup + opts.steps,
                             ac=ac, compile_=compile_ == "on", float8=float8,
                             fsdp_float8_all_gather=opts.fsdp_float8_all_gather, dtype=opts.dtype,
-                            vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + overrides + opts.extra
-        label = {"model": model, "flavor": flavor + "".join(f" {overrides[i][len('--model.overrides.'):]}="
-                                                           f"{overrides[i + 1]}" for i in range(0, len(overrides), 2)),
+                            vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + override_argv(overrides) + opts.extra
+        label = {"model": model, "flavor": " ".join([flavor, *(f"{k}={v}" for k, v in overrides.items())]),
                  "compile": compile_, "ac": ac, "float8": float8}
         try:
             row = {**label, **run_case(argv, opts, dist_info, spec_peak)}

@@ -36,7 +36,7 @@ from hydra_titan.components.checkpoint_files import CheckpointError, load_model_
 from hydra_titan.components.datasets import demo_documents, iter_file_documents, resolve_files  # noqa: E402
 from hydra_titan.components.tokenizer import build_tokenizer  # noqa: E402
 from hydra_titan.config import ConfigError, load_config  # noqa: E402
-from hydra_titan.models.common.moe import MoE  # noqa: E402
+from hydra_titan.models.common.moe import MoE, expert_load_summary  # noqa: E402
 
 logger = logging.getLogger("moe_specialization")
 
@@ -126,7 +126,7 @@ def analyse(model, windows: torch.Tensor, tokenizer, batch: int, top_tokens: int
         token_entropy = entropies.mean().item()
         load = torch.bincount(experts, minlength=n_experts).float()
         share = load / load.sum()
-        load_entropy = -(share * share.clamp_min(1e-12).log()).sum().item() / math.log(n_experts)
+        load_entropy = expert_load_summary(load[None])["entropy"].item()
         rows = []
         for e in range(n_experts):
             ids = token_ids[experts == e]

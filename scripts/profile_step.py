@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import parse_case, trainer_argv  # noqa: E402
+from benchmark import override_argv, parse_case, trainer_argv  # noqa: E402
 
 from hydra_titan.config import load_config  # noqa: E402
 from hydra_titan.distributed.utils import shutdown_and_exit  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> None:
     model, flavor, overrides = parse_case(opts.case)
     cfg = load_config(trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=1000, ac=opts.ac,
                                    compile_=opts.compile == "on", vocab_size=opts.vocab_size,
-                                   dump_folder="/tmp/hydra_titan_profile") + overrides + extra)
+                                   dump_folder="/tmp/hydra_titan_profile") + override_argv(overrides) + extra)
     trainer = Trainer(cfg)
     tokens = torch.randint(0, trainer.model_args.vocab_size, (opts.batch, opts.seq_len + 1))
     batch = [(tokens[:, :-1], tokens[:, 1:])]

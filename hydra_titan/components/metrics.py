@@ -106,30 +106,37 @@ class MetricsLogger:
             self._jsonl.close()
 
 
-def moe_load_scalars(outputs: dict[str, torch.Tensor], moe_layer_ids: list[int]) -> dict[str, float]:
-    """Every log step: the worst MoE layer's expert load max/min, lowest load entropy, most dead experts.
+# expert_load_summary key -> the per-layer scalar's name
+_MOE_SUMMARY = {"max_over_min": "moe_load_max_over_min", "entropy": "moe_load_entropy",
+                "dead_experts": "moe_dead_experts"}
+
+
+def moe_load_scalars(outputs: dict[str, torch.Tensor], moe_layer_ids: list[int],
+                     per_layer: bool = False) -> dict[str, float]:
+    """Expert loads as flat scalars: the worst MoE layer's load max/min, lowest load entropy and most dead
+    experts (`moe/*`, every log step) and, with `per_layer`, the same per MoE layer named by its layer id
+    (`routing/moe_*/layer_<id>`).
 
     `outputs["moe_load"]` is the global load [MoE layers, E] (the trainer sums it over the log interval);
-    one host copy for all three.
+    one summary and one host copy serve both.
     """
     if "moe_load" not in outputs or not moe_layer_ids:
         return {}
-    s = expert_load_summary(outputs["moe_load"])
-    worst = torch.stack([s["max_over_min"].max(), s["entropy"].min(), s["dead_experts"].max()]).tolist()
-    return dict(zip(("moe/load_max_over_min", "moe/load_entropy_min", "moe/dead_experts_max"), worst))
+    summary = expert_load_summary(outputs["moe_load"])
+    table = torch.stack([summary[k] for k in _MOE_SUMMARY], dim=1).tolist()  # [layers, 3]
+    ratios, entropies, dead = zip(*table)
+    scalars = {"moe/load_max_over_min": max(ratios), "moe/load_entropy_min": min(entropies),
+               "moe/dead_experts_max": max(dead)}
+    if per_layer:
+        for layer_id, row in zip(moe_layer_ids, table):
+            for name, value in zip(_MOE_SUMMARY.values(), row):
+                scalars[f"routing/{name}/layer_{layer_id}"] = value
+    return scalars
 
 
-def routing_scalars(outputs: dict[str, torch.Tensor], moe_layer_ids: list[int] | None = None) -> dict[str, float]:
-    """Per-block MoD selected fraction, MoR depth histogram / mean depth and, per MoE layer (named by its
-    layer id), expert load max/min, entropy and dead experts, as flat scalars."""
+def routing_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-block MoD selected fraction and MoR depth histogram / mean depth, as flat scalars."""
     scalars: dict[str, float] = {}
-    if "moe_load" in outputs and moe_layer_ids:
-        summary = expert_load_summary(outputs["moe_load"])
-        table = torch.stack([summary[k] for k in ("max_over_min", "entropy", "dead_experts")], dim=1).tolist()
-        for layer_id, (ratio, entropy, dead) in zip(moe_layer_ids, table):
-            scalars[f"routing/moe_load_max_over_min/layer_{layer_id}"] = ratio
-            scalars[f"routing/moe_load_entropy/layer_{layer_id}"] = entropy
-            scalars[f"routing/moe_dead_experts/layer_{layer_id}"] = dead
     if "mod_selected_frac" in outputs:
         for i, frac in enumerate(outputs["mod_selected_frac"].tolist()):
             scalars[f"routing/mod_selected_frac/block_{i}"] = frac

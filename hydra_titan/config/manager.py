@@ -187,8 +187,11 @@ def _split_args(args: list[str]) -> tuple[str | None, list[tuple[str, str | None
 
 def config_dirs() -> list[Path]:
     """Where a bare config name is looked up: ./train_configs, then the checkout's train_configs."""
-    dirs = [Path.cwd() / "train_configs", Path(__file__).resolve().parents[2] / "train_configs"]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [e.resolve() for e in dirs[:i]]]
+    dirs: list[Path] = []
+    for folder in (Path.cwd() / "train_configs", Path(__file__).resolve().parents[2] / "train_configs"):
+        if folder.is_dir() and all(folder.resolve() != d.resolve() for d in dirs):
+            dirs.append(folder)
+    return dirs
 
 
 def resolve_config_path(path: str) -> Path:
@@ -199,13 +202,13 @@ def resolve_config_path(path: str) -> Path:
     file = Path(path)
     if file.is_file():
         return file
+    dirs = config_dirs()
     if len(file.parts) == 1:  # a name, not a path
-        for folder in config_dirs():
-            for candidate in (folder / path, folder / f"{path}.toml"):
-                if candidate.is_file():
-                    return candidate
-    names = sorted({p.name for d in config_dirs() for p in d.glob("*.toml")})
-    where = " or ".join(str(d) for d in config_dirs()) or "train_configs/ (none found)"
+        for candidate in (d / name for d in dirs for name in (path, f"{path}.toml")):
+            if candidate.is_file():
+                return candidate
+    names = sorted({p.name for d in dirs for p in d.glob("*.toml")})
+    where = " or ".join(map(str, dirs)) or "train_configs/ (none found)"
     raise ConfigError(f"config file not found: {path} (neither a file nor a name in {where}); "
                       f"available configs: {', '.join(names) or 'none'}")
 

@@ -136,7 +136,7 @@ def test_bias_balancing_evens_out_a_skewed_router(balance):
     assert start > 20
     for _ in range(200):
         _, stats = moe(x)
-        update_expert_biases(moe, stats["moe_load"][None])
+        update_expert_biases([moe], stats["moe_load"][None])
     if balance == "bias":
         assert ratio() < 1.5, ratio()
         assert abs(moe.expert_bias.sum().item()) < 1e-5  # centred: only differences matter to the choice

@@ -299,13 +299,14 @@ def feed_forward_with_stats(ffn: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return ffn(x), {}
 
 
+def _values(stats: list[dict[str, torch.Tensor]], key: str) -> list[torch.Tensor]:
+    return [s[key] for s in stats if key in s]
+
+
 def merge_moe_stats(per_call: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One layer's stats over several calls (MoR recursion steps): loads add up, the aux loss is averaged."""
-    loads = [s["moe_load"] for s in per_call if "moe_load" in s]
-    if not loads:
-        return {}
-    merged = {"moe_load": torch.stack(loads).sum(dim=0)}
-    aux = [s["moe_aux"] for s in per_call if "moe_aux" in s]
+    loads, aux = _values(per_call, "moe_load"), _values(per_call, "moe_aux")
+    merged = {"moe_load": torch.stack(loads).sum(dim=0)} if loads else {}
     if aux:
         merged["moe_aux"] = torch.stack(aux).mean()
     return merged
@@ -314,11 +315,8 @@ def merge_moe_stats(per_call: list[dict[str, torch.Tensor]]) -> dict[str, torch.
 def moe_model_outputs(per_layer: list[dict[str, torch.Tensor]], args: MoEArgs
                       ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """(weighted aux term for `aux_loss` or None, outputs `moe_load` [L_moe, E] and `moe_aux_loss`)."""
-    loads = [s["moe_load"] for s in per_layer if "moe_load" in s]
-    if not loads:
-        return None, {}
-    outputs = {"moe_load": torch.stack(loads).detach()}
-    aux = [s["moe_aux"] for s in per_layer if "moe_aux" in s]
+    loads, aux = _values(per_layer, "moe_load"), _values(per_layer, "moe_aux")
+    outputs = {"moe_load": torch.stack(loads).detach()} if loads else {}
     if not aux:
         return None, outputs
     mean_aux = torch.stack(aux).mean()
@@ -327,13 +325,16 @@ def moe_model_outputs(per_layer: list[dict[str, torch.Tensor]], args: MoEArgs
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
-    """The MoE layers of a model in forward order (the row order of its `moe_load` output)."""
+    """The MoE layers of a model in forward order (the row order of its `moe_load` output).
+
+    The trainer looks them up once; a module walk per step would be host time on the hot path.
+    """
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def update_expert_biases(model: nn.Module, load: torch.Tensor) -> None:
-    """Apply one step's global loads [L_moe, E] to every MoE layer's bias (balance "bias"; a no-op otherwise)."""
-    layers = moe_layers(model)
+def update_expert_biases(layers: list[MoE], load: torch.Tensor) -> None:
+    """Apply one step's global loads [L_moe, E] to the biases of `layers` (= `moe_layers(model)`);
+    a no-op for layers whose balance is not "bias"."""
     if load.shape[0] != len(layers):
         raise ValueError(f"expert loads for {load.shape[0]} MoE layers, but the model has {len(layers)}")
     for moe, row in zip(layers, load):
@@ -350,12 +351,10 @@ def expert_load_summary(load: torch.Tensor) -> dict[str, torch.Tensor]:
             "entropy": entropy, "dead_experts": (load == 0).sum(dim=-1).float()}
 
 
-def moe_active_ffn_params(args: MoEArgs, dim: int, dense_hidden_dim: int) -> int:
-    """Weights one token multiplies through in a MoE FFN: the router, its k experts and the shared ones."""
+def ffn_active_params(args: MoEArgs, dim: int, dense_hidden_dim: int, moe: bool) -> int:
+    """Weights one token multiplies through in a layer's FFN: a dense SwiGLU, or a MoE's router, its k
+    experts and the shared ones."""
+    if not moe:
+        return 3 * dim * dense_hidden_dim
     hidden = args.moe_expert_hidden(dense_hidden_dim)
     return dim * args.moe_num_experts + (args.moe_top_k + args.moe_shared_experts) * 3 * dim * hidden
-
-
-def ffn_active_params(args: MoEArgs, dim: int, dense_hidden_dim: int, moe: bool) -> int:
-    """Active FFN weights per token of one layer, MoE or dense."""
-    return moe_active_ffn_params(args, dim, dense_hidden_dim) if moe else 3 * dim * dense_hidden_dim
