@@ -35,6 +35,7 @@ from .distributed.compile import eager_eval
 from .distributed.float8 import precompute_float8_scales
 from .distributed.init import init_model_weights
 from .models import ModelSpec, get_model_spec
+from .models.registry import format_model_list
 from .models.common.moe import moe_layers, update_expert_biases
 
 logger = logging.getLogger("hydra_titan")
@@ -309,6 +310,9 @@ def init_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "--list" in (sys.argv[1:] if argv is None else argv):
+        sys.stdout.write(format_model_list())
+        return
     init_logging(int(os.environ.get("RANK", "0")))
     cfg = parse_or_exit(argv)
     try:

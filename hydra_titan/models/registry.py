@@ -58,6 +58,9 @@ class ModelSpec:
     parallelize_options: ParallelizeOptions = field(default_factory=ParallelizeOptions)
     # None: the shared `hydra_titan.distributed.parallelize` (every model keeps the decoder contract)
     parallelize_fn: Callable[..., nn.Module] | None = None
+    description: str = ""
+    variants: dict[str, str] = field(default_factory=dict)  # args.variant values -> one line each
+    default_config: str = ""  # the train_configs/ file `--list` points at
 
     def args(self, flavor: str, **overrides: Any) -> Any:
         """The flavor's args with overrides applied (unknown flavor or field -> ValueError)."""
@@ -97,3 +100,17 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def registered_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def format_model_list() -> str:
+    """The `python train.py --list` text: every model, its variants and flavors, and its default config."""
+    lines = []
+    for name in registered_models():
+        spec = _REGISTRY[name]
+        lines.append(f"{name}: {spec.description}" if spec.description else name)
+        for variant, text in spec.variants.items():
+            lines.append(f"  variant {variant}: {text}")
+        lines.append(f"  flavors: {', '.join(spec.flavors)}")
+        if spec.default_config:
+            lines.append(f"  default config: {spec.default_config}")
+    return "\n".join(lines) + "\n"

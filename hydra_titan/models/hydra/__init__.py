@@ -29,5 +29,7 @@ HYDRA_SPEC = register_model_spec(ModelSpec(
     args_cls=HydraModelArgs,
     flavors=HYDRA_FLAVORS,
     flops_per_token=hydra_flops_per_token,
+    description="CCGQA attention + Mixture-of-Depths + Mixture-of-Recursions (seeds 000/002/004)",
+    default_config="train_configs/debug.toml",
     active_params=hydra_active_params,
 ))

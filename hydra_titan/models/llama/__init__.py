@@ -14,5 +14,7 @@ LLAMA_SPEC = register_model_spec(ModelSpec(
     args_cls=LlamaModelArgs,
     flavors=LLAMA_FLAVORS,
     flops_per_token=llama_flops_per_token,
+    description="dense Llama baseline of HYDRA's sizes (the A/B reference)",
+    default_config="train_configs/llama_debug.toml",
     active_params=llama_active_params,
 ))
