@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -29,6 +29,20 @@ bench_1b_batch() {
 }
 
 case "$MODE" in
+ssd)
+    # Triton SSD kernels: GPU tests against the PyTorch reference, then fwd+bwd timings (issue shapes,
+    # and the 1B hybrid layer's 64 heads sharing one B/C group)
+    python3 -m pytest -m gpu tests/gpu/test_ssd_cuda.py -q -p no:cacheprovider > "$OUT/ssd_tests.txt" 2>&1
+    grep -E "passed|failed|Error|^FAILED|^ERROR|assert" "$OUT/ssd_tests.txt" | tail -30
+    python3 scripts/ssd_benchmark.py --profile --json "$OUT/ssd.json" 2>&1 | grep -v -i warn | tee "$OUT/ssd.txt"
+    python3 scripts/ssd_benchmark.py --shapes 4x2048x64x64x128 --groups 1 --json "$OUT/ssd_1B_layer.json" 2>&1 \
+        | grep "^|" | tee -a "$OUT/ssd.txt" ;;
+hybrid)
+    # hybrid 1B (v1, v2, v3) beside llama 1B at SEQ (default 2048), local batch BATCH (default 4)
+    SEQ=${SEQ:-2048}
+    python3 scripts/benchmark.py --cases ${CASES:-hybrid:1B llama:1B hybrid:1B:variant=v2 hybrid:1B:variant=v3} \
+        --seq-len "$SEQ" --batch "${BATCH:-4}" --steps "${STEPS:-15}" --warmup 6 --ac selective \
+        --json "$OUT/bench_hybrid_$SEQ.json" 2>&1 | grep "^| \|peak\|Error\|error" | tee -a "$OUT/bench_hybrid.txt" ;;
 tests)
     python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
 bench-*)
