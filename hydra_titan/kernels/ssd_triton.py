@@ -25,19 +25,14 @@ import triton.language as tl
 
 CHUNK = 64
 
-# state tiles [BN, BP]: small tiles give the sequential state passes more programs (B·H is small
-# for one long sequence); the tuner picks per shape
+# state tiles [BN, BP] (all fit the supported P, N >= 64): small tiles give the sequential state passes
+# more programs (B·H is small for one long sequence); the tuner picks per shape
 _STATE_CONFIGS = [triton.Config({"BN": bn, "BP": bp}, num_warps=4)
                   for bn, bp in ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))]
 
 
-def _fitting_blocks(configs, named_args, **kwargs):
-    n, p = named_args.get("N", kwargs.get("N")), named_args.get("P", kwargs.get("P"))
-    return [c for c in configs if c.kwargs["BN"] <= n and c.kwargs["BP"] <= p]
 
-
-@triton.autotune(configs=_STATE_CONFIGS, key=["BH", "NC", "N", "P"],
-                 prune_configs_by={"early_config_prune": _fitting_blocks})
+@triton.autotune(configs=_STATE_CONFIGS, key=["BH", "NC", "N", "P"])
 @triton.jit
 def _state_fwd(k_ptr, v_ptr, g_ptr, h_ptr, T, BH, NC, H: tl.constexpr, G: tl.constexpr,
                N: tl.constexpr, P: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
@@ -88,8 +83,7 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, T, BH, NC, H: tl.const
     tl.store(o_ptr + (row[:, None] * H + h) * P + offs_p[None, :], out.to(v.dtype))
 
 
-@triton.autotune(configs=_STATE_CONFIGS, key=["BH", "NC", "N", "P"],
-                 prune_configs_by={"early_config_prune": _fitting_blocks})
+@triton.autotune(configs=_STATE_CONFIGS, key=["BH", "NC", "N", "P"])
 @triton.jit
 def _state_bwd(q_ptr, g_ptr, do_ptr, dh_ptr, T, BH, NC, H: tl.constexpr, G: tl.constexpr,
                N: tl.constexpr, P: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,

@@ -64,3 +64,13 @@ class Decoder(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))
+
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Embedding -> every block -> norm + LM head: (logits, each block's stats), for every family's forward."""
+        h, positions = self.embed(tokens, positions)
+        per_layer = []
+        for layer in self.layers.values():
+            h, stats = layer(h, positions, self.rope_cache)
+            per_layer.append(stats)
+        return self.head(h), per_layer

@@ -12,6 +12,7 @@ and the splits around it (cuDNN's depthwise conv1d would be a separate launch in
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.ssd import SSD_BACKENDS, resolve_ssd_backend
+from ...kernels.ssd import SSD_BACKENDS, resolve_ssd_backend, ssd_chunked_torch, triton_size_problem
 from .init import trunc_normal_
 from .norms import RMSNorm
 
@@ -51,9 +52,9 @@ class SSMConfig:
         if (inner // self.head_dim) % self.groups:
             raise ValueError(f"{prefix}groups ({self.groups}) must divide the number of SSM heads "
                              f"({inner // self.head_dim})")
-        if self.backend == "triton":  # explicit: unsupported sizes are a config error, not a fallback
-            resolve_ssd_backend("triton", head_dim=self.head_dim, state_dim=self.state_dim,
-                                chunk_size=self.chunk_size)
+        problem = triton_size_problem(self.head_dim, self.state_dim)
+        if self.backend == "triton" and problem:  # explicit: unsupported sizes are a config error, not a fallback
+            raise ValueError(problem)
 
     def n_heads(self, dim: int) -> int:
         return self.expand * dim // self.head_dim
@@ -94,8 +95,7 @@ class Mamba2Mixer(nn.Module):
         self.backend, self._scan = resolve_ssd_backend(
             cfg.backend, head_dim=cfg.head_dim, state_dim=cfg.state_dim, chunk_size=cfg.chunk_size,
             device_type="cuda" if torch.cuda.is_available() else "cpu")
-        _, self._torch_scan = resolve_ssd_backend("torch", head_dim=cfg.head_dim, state_dim=cfg.state_dim,
-                                                  chunk_size=cfg.chunk_size)
+        self._torch_scan = functools.partial(ssd_chunked_torch, chunk_size=cfg.chunk_size)  # CPU inputs
 
     def scan_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(q = C, k = B, v = x·dt, g = dt·A, x, z) of the scan for a normalised input [B, T, dim]."""

@@ -122,12 +122,7 @@ class HybridModel(Decoder):
         self.mod_layer_ids = [i for i, kind in enumerate(kinds) if kind == "R"]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        h, positions = self.embed(tokens, positions)
-        per_layer = []
-        for layer in self.layers.values():
-            h, stats = layer(h, positions, self.rope_cache)
-            per_layer.append(stats)
-        logits = self.head(h)
+        logits, per_layer = self.run_layers(tokens, positions)
         zero = logits.new_zeros((), dtype=torch.float32)
         out = {"logits": logits, "ponder_loss": zero}
         aux = zero

@@ -52,12 +52,8 @@ class HydraModel(Decoder):
         self.mod_layer_ids = [i for i in range(args.n_mor_blocks) if args.is_mod_layer(i)]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        h, positions = self.embed(tokens, positions)
-        per_layer: list[dict[str, torch.Tensor]] = []
-        for layer in self.layers.values():
-            h, stats = layer(h, positions, self.rope_cache)
-            per_layer.append(stats)
-        return {"logits": self.head(h), **self._combine_stats(per_layer)}
+        logits, per_layer = self.run_layers(tokens, positions)
+        return {"logits": logits, **self._combine_stats(per_layer)}
 
     def _combine_stats(self, per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Average router losses over layers, weight them, and stack per-layer metrics."""

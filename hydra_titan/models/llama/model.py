@@ -56,12 +56,7 @@ class LlamaModel(Decoder):
         super().__init__(args, layers, residual_depth=args.n_layers)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        h, positions = self.embed(tokens, positions)
-        per_layer = []
-        for layer in self.layers.values():
-            h, stats = layer(h, positions, self.rope_cache)
-            per_layer.append(stats)
-        logits = self.head(h)
+        logits, per_layer = self.run_layers(tokens, positions)
         zero = logits.new_zeros((), dtype=torch.float32)
         moe_aux, moe_outputs = moe_model_outputs(per_layer, self.args)  # nothing for a dense model
         return {"logits": logits, "aux_loss": zero if moe_aux is None else moe_aux, "ponder_loss": zero,
