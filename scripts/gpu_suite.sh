@@ -41,7 +41,7 @@ hybrid)
     # hybrid 1B (v1, v2, v3) beside llama 1B at SEQ (default 2048), local batch BATCH (default 4)
     SEQ=${SEQ:-2048}
     python3 scripts/benchmark.py --cases ${CASES:-hybrid:1B llama:1B hybrid:1B:variant=v2 hybrid:1B:variant=v3} \
-        --seq-len "$SEQ" --batch "${BATCH:-4}" --steps "${STEPS:-15}" --warmup 6 --ac selective \
+        --seq-len "$SEQ" --batch "${BATCH:-4}" --steps "${STEPS:-15}" --warmup "${WARMUP:-6}" --ac selective \
         --json "$OUT/bench_hybrid_$SEQ.json" 2>&1 | grep "^| \|peak\|Error\|error" | tee -a "$OUT/bench_hybrid.txt" ;;
 tests)
     python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;

@@ -89,3 +89,20 @@ def test_every_variant_is_causal_on_the_gpu_path(variant):
         a, b = model(tokens)["logits"], model(changed)["logits"]
     assert (a[:, :150] - b[:, :150]).abs().max().item() < 1e-5
     assert (a[:, 150:] - b[:, 150:]).abs().max().item() > 1e-3
+
+
+def test_a_compiled_bf16_training_forward_at_the_1b_layer_shape_is_causal():
+    """The benchmark's path: bf16 weights, torch.compile, training mode, 64 SSM heads on one B/C group,
+    2048 tokens (32 chunks). Token 1500 changed: logits before it must not move."""
+    args = HybridModelArgs(vocab_size=1024, dim=2048, n_layers=2, n_heads=16, n_kv_heads=4, head_dim=128,
+                           ssm_head_dim=64, ssm_state_dim=128, ssm_backend="triton")
+    model = HybridModel(args).cuda()
+    model.init_weights("cuda")
+    model = torch.compile(model.to(torch.bfloat16))
+    tokens = torch.randint(0, 1024, (2, 2048), device="cuda")
+    changed = tokens.clone()
+    changed[:, 1500] = (changed[:, 1500] + 1) % 1024
+    with torch.no_grad():
+        a, b = model(tokens)["logits"].float(), model(changed)["logits"].float()
+    assert (a[:, :1500] - b[:, :1500]).abs().max().item() < 1e-3
+    assert (a[:, 1500:] - b[:, 1500:]).abs().max().item() > 1e-2
