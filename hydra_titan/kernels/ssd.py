@@ -92,6 +92,25 @@ def ssd_chunked_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     return y.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :seq_len].to(v.dtype)
 
 
+def ssd_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
+                   chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan continued from `state` h_0 [B, H, N, P]: (outputs, the state after the last token).
+
+    For decoding (eager, fp32). With G_t the running sum of g from this call's first token,
+    o_t = (zero-state scan)_t + exp(G_t) q_t h_0 and h_T = exp(G_T) h_0 + sum_t exp(G_T - G_t) k_t^T v_t.
+    """
+    heads, groups = v.shape[2], q.shape[2]
+    qh, kh = (t.float().repeat_interleave(heads // groups, dim=2) for t in (q, k))
+    vf, g_cum = v.float(), g.float().cumsum(dim=1)                      # g_cum [B, T, H]
+    from_state = torch.einsum("bthn,bhnp->bthp", qh, state) * g_cum.exp()[..., None]
+    scan = (ssd_sequential(q.float(), k.float(), vf, g.float()) if q.shape[1] == 1
+            else ssd_chunked_torch(q.float(), k.float(), vf, g.float(), chunk_size))
+    to_end = (g_cum[:, -1:] - g_cum).exp()
+    new_state = (state * g_cum[:, -1].exp()[..., None, None]
+                 + torch.einsum("bth,bthn,bthp->bhnp", to_end, kh, vf))
+    return (scan + from_state).to(v.dtype), new_state
+
+
 # ------------------------------------------------------------------ the Triton custom op
 
 def triton_available() -> bool:

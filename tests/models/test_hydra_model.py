@@ -113,9 +113,9 @@ def test_routed_model_runs_fewer_tokens_through_blocks_than_dense():
         for layer in model.layers.values():
             inner = layer.mor.block.residual_update
 
-            def counting(x, p, r, _inner=inner, _key=key):
+            def counting(x, p, r, cache=None, _inner=inner, _key=key):
                 calls[_key] += x.shape[0] * x.shape[1]
-                return _inner(x, p, r)
+                return _inner(x, p, r, cache)
             layer.mor.block.residual_update = counting
         model(torch.randint(0, 101, (2, 20)))
     # per block: MoD keeps 12 of 20, MoR steps keep 12, 8, 4 of them -> 24 of 60 token-steps

@@ -31,9 +31,9 @@ def record_steps(block: MoRBlock) -> list:
     calls = []
     inner = block.block.residual_update
 
-    def recording(x, positions, rope):
+    def recording(x, positions, rope, cache=None):
         calls.append((x.detach().clone(), positions.clone()))
-        return inner(x, positions, rope)
+        return inner(x, positions, rope, cache)
 
     block.block.residual_update = recording
     return calls

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cache import CacheView
 from .moe import MoEArgs, build_feed_forward, feed_forward_with_stats
 from .norms import RMSNorm
 
@@ -18,7 +19,8 @@ Stats = dict[str, torch.Tensor]
 
 
 class PreNormBlock(nn.Module):
-    """`attention(x, positions, rope_cache)` must map [B, S, dim] to [B, S, dim] and have `init_weights`.
+    """`attention(x, positions, rope_cache, cache=None)` must map [B, S, dim] to [B, S, dim] and have
+    `init_weights`; with a `CacheView` it appends to its decode state (DESIGN §3.11).
 
     `moe`: the model's MoE args when this block carries experts, None for a dense SwiGLU.
     """
@@ -31,19 +33,19 @@ class PreNormBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.feed_forward = build_feed_forward(dim, ffn_hidden_dim, moe)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor
-                ) -> tuple[torch.Tensor, Stats]:
-        h = x + self.attention(self.attention_norm(x), positions, rope_cache)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
+                cache: CacheView | None = None) -> tuple[torch.Tensor, Stats]:
+        h = x + self.attention(self.attention_norm(x), positions, rope_cache, cache=cache)
         out, stats = feed_forward_with_stats(self.feed_forward, self.ffn_norm(h))
         return h + out, stats
 
-    def residual_update(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor
-                        ) -> tuple[torch.Tensor, Stats]:
+    def residual_update(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
+                        cache: CacheView | None = None) -> tuple[torch.Tensor, Stats]:
         """(block(x) - x, stats), the update computed without the cancellation of subtracting x.
 
         MoD and MoR scale or route this update, so they take it directly.
         """
-        attn = self.attention(self.attention_norm(x), positions, rope_cache)
+        attn = self.attention(self.attention_norm(x), positions, rope_cache, cache=cache)
         out, stats = feed_forward_with_stats(self.feed_forward, self.ffn_norm(x + attn))
         return attn + out, stats
 

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .cache import CacheView, DecodeCache
 from .init import trunc_normal_
 from .moe import MoE
 from .norms import RMSNorm
@@ -65,12 +66,43 @@ class Decoder(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))
 
-    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+    def init_cache(self, batch: int, max_len: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> DecodeCache:
+        """An empty decode cache (DESIGN §3.11) for `batch` rows of up to `max_len` tokens each.
+
+        Its modules fill their own state on first use; K/V are kept in `dtype` (default: the weights'),
+        SSM states in fp32."""
+        weight = self.tok_embeddings.weight
+        return DecodeCache(batch, max_len, device if device is not None else weight.device,
+                           dtype if dtype is not None else weight.dtype)
+
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                   cache: DecodeCache | None = None, valid: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        """Embedding -> every block -> norm + LM head: (logits, each block's stats), for every family's forward."""
-        h, positions = self.embed(tokens, positions)
+        """Embedding -> every block -> norm + LM head: (logits, each block's stats), for every family's forward.
+
+        With a `cache` (eval mode only) the tokens are appended to it and the logits are those of the
+        new tokens; `valid` [B, T] marks the real ones (a batch of prompts of different lengths, right
+        padded), default all.
+        """
+        if cache is None:
+            if valid is not None:
+                raise ValueError("valid is a decode-cache argument; a forward without a cache attends to every token")
+            h, positions = self.embed(tokens, positions)
+            views: list[CacheView | None] = [None] * len(self.layers)
+        else:
+            if self.training:
+                raise ValueError("decoding with a cache needs model.eval(): training routes by top-k over the "
+                                 "whole sequence, which a token-by-token decode cannot reproduce")
+            check_token_ids(tokens, self.args.vocab_size, self.args.max_seq_len)
+            positions, root = cache.begin(tokens, positions, valid, self.args.max_seq_len)
+            h = self.tok_embeddings(tokens)
+            views = [root.child(name) for name in self.layers]
         per_layer = []
-        for layer in self.layers.values():
-            h, stats = layer(h, positions, self.rope_cache)
+        for layer, view in zip(self.layers.values(), views):
+            # without a cache the blocks are called exactly as in training (what compile and AC wrap)
+            h, stats = layer(h, positions, self.rope_cache, **({} if view is None else {"cache": view}))
             per_layer.append(stats)
+        if cache is not None:
+            cache.advance(root.valid)
         return self.head(h), per_layer

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.ssd import SSD_BACKENDS, resolve_ssd_backend, ssd_chunked_torch, triton_size_problem
+from ...kernels.ssd import SSD_BACKENDS, resolve_ssd_backend, ssd_chunked_torch, ssd_with_state, triton_size_problem
+from .cache import CacheView, extend_with_window
 from .init import trunc_normal_
 from .norms import RMSNorm
 
@@ -97,11 +98,16 @@ class Mamba2Mixer(nn.Module):
             device_type="cuda" if torch.cuda.is_available() else "cpu")
         self._torch_scan = functools.partial(ssd_chunked_torch, chunk_size=cfg.chunk_size)  # CPU inputs
 
-    def scan_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def scan_inputs(self, x: torch.Tensor, cache: CacheView | None = None) -> tuple[torch.Tensor, ...]:
         """(q = C, k = B, v = x·dt, g = dt·A, x, z) of the scan for a normalised input [B, T, dim]."""
         bsz, seq_len, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
-        xbc = F.silu(causal_conv1d(xbc, self.conv_weight, self.conv_bias))
+        if cache is None:
+            xbc = causal_conv1d(xbc, self.conv_weight, self.conv_bias)
+        else:  # decode: the conv continues from the last K-1 inputs of each row
+            ext = extend_with_window(cache, "conv_window", xbc, self.cfg.conv_kernel - 1)
+            xbc = causal_conv1d(ext, self.conv_weight, self.conv_bias)[:, -seq_len:]
+        xbc = F.silu(xbc)
         xs, b, c = xbc.split([self.inner, self.bc_dim, self.bc_dim], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H] fp32
         a = -torch.exp(self.A_log.float())
@@ -111,11 +117,20 @@ class Mamba2Mixer(nn.Module):
         return c.reshape(groups), b.reshape(groups), v, dt * a, xs, z
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                rope_cache: torch.Tensor | None = None) -> torch.Tensor:
+                rope_cache: torch.Tensor | None = None, cache: CacheView | None = None) -> torch.Tensor:
+        """`cache` (decode): the conv window and the fp32 state [B, H, N, P] of each row."""
         del positions, rope_cache
-        q, k, v, g, xs, z = self.scan_inputs(x)
-        scan = self._scan if x.device.type == "cuda" else self._torch_scan
-        y = scan(q, k, v, g) + xs * self.D.to(xs.dtype).unsqueeze(-1)
+        q, k, v, g, xs, z = self.scan_inputs(x, cache)
+        if cache is None:
+            scan = self._scan if x.device.type == "cuda" else self._torch_scan
+            y = scan(q, k, v, g)
+        else:  # a padding token adds nothing and decays nothing: the state skips it
+            valid = cache.valid
+            v, g = v * valid[..., None, None].to(v.dtype), g * valid[..., None]
+            state = cache.get("state", lambda: x.new_zeros((x.shape[0], self.n_heads, self.cfg.state_dim,
+                                                            self.cfg.head_dim), dtype=torch.float32))
+            y, cache.store["state"] = ssd_with_state(q, k, v, g, state, self.cfg.chunk_size)
+        y = y + xs * self.D.to(xs.dtype).unsqueeze(-1)
         y = y.flatten(2) * F.silu(z)
         return self.out_proj(self.norm(y))
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.block import PreNormBlock, Stats
+from ..common.cache import CacheView, DecodeCache
 from ..common.decoder import Decoder
 from ..common.moe import build_feed_forward, feed_forward_with_stats, moe_model_outputs
 from ..common.norms import RMSNorm
@@ -57,9 +58,32 @@ class HierarchicalMixer(nn.Module):
             out = out + shifted.repeat_interleave(chunk, dim=1)[:, :seq_len]
         return out
 
+    def cached_global_context(self, x: torch.Tensor, positions: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """Decode: the same context, from the cached mixer inputs of every earlier token of each row.
+
+        The summaries of the complete chunks are rebuilt from that history and the global mixers
+        rerun over them (a sequence 1/chunk as long as the text), so rows at different positions
+        need no per-row chunk bookkeeping.
+        """
+        bsz, _, dim = x.shape
+        max_len = cache.cache.max_len
+        history = cache.get("history", lambda: x.new_zeros((bsz, max_len + 1, dim)))  # last row: padding's slot
+        slot = torch.where(cache.valid, positions, max_len)
+        history.scatter_(1, slot[..., None].expand(-1, -1, dim), x)
+        end = int(positions.masked_fill(~cache.valid, 0).max()) + 1
+        out = torch.zeros_like(x)
+        for chunk, mixer in zip(self.chunks, self.levels):
+            per_chunk = mixer(chunk_summaries(history[:, :end], chunk))
+            shifted = F.pad(per_chunk[:, :-1], (0, 0, 1, 0))
+            at = (positions // chunk).clamp(0, shifted.shape[1] - 1)
+            out = out + shifted.gather(1, at[..., None].expand(-1, -1, dim))
+        return out
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                rope_cache: torch.Tensor | None = None) -> torch.Tensor:
-        return self.local(x) + self.global_context(x)
+                rope_cache: torch.Tensor | None = None, cache: CacheView | None = None) -> torch.Tensor:
+        if cache is None:
+            return self.local(x) + self.global_context(x)
+        return self.local(x, cache=cache.child("local")) + self.cached_global_context(x, positions, cache)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         self.local.init_weights(init_std, out_std)
@@ -80,13 +104,15 @@ class RoutedLayer(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = build_feed_forward(args.dim, args.ffn_hidden_dim, args if moe else None)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-        h = x + self.ssm(self.ssm_norm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
+                cache: CacheView | None = None) -> tuple[torch.Tensor, Stats]:
+        h = x + self.ssm(self.ssm_norm(x), cache=None if cache is None else cache.child("ssm"))
 
         def routed_attention(xs, ps, valid):  # valid: right padding in eval, which causal attention ignores
-            return self.attention(self.attention_norm(xs), ps, rope_cache), {}
+            view = None if cache is None else cache.child("attention", valid)  # K/V of routed tokens only
+            return self.attention(self.attention_norm(xs), ps, rope_cache, cache=view), {}
 
-        h, stats = self.mod(h, positions, routed_attention)
+        h, stats = self.mod(h, positions, routed_attention, None if cache is None else cache.valid)
         out, ffn_stats = feed_forward_with_stats(self.feed_forward, self.ffn_norm(h))
         return h + out, {**stats, **ffn_stats}
 
@@ -121,8 +147,9 @@ class HybridModel(Decoder):
         self.layer_kinds = kinds
         self.mod_layer_ids = [i for i, kind in enumerate(kinds) if kind == "R"]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits, per_layer = self.run_layers(tokens, positions)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: DecodeCache | None = None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits, per_layer = self.run_layers(tokens, positions, cache, valid)
         zero = logits.new_zeros((), dtype=torch.float32)
         out = {"logits": logits, "ponder_loss": zero}
         aux = zero

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..common.attention import get_attention_backend
 from ..common.block import PreNormBlock
+from ..common.cache import CacheView, KVCache, extend_with_window
 from ..common.init import trunc_normal_
 from ..common.norms import rms_normalize
 from ..common.rope import apply_rope
@@ -86,6 +87,13 @@ class CausalHeadConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
 
+def _causal(fn, x: torch.Tensor, history: int, cache: CacheView | None, name: str) -> torch.Tensor:
+    """fn (a causal map reading `history` earlier rows) of x; in decode, over the cached window + x."""
+    if cache is None:
+        return fn(x)
+    return fn(extend_with_window(cache, name, x, history))[:, -x.shape[1]:]
+
+
 class CCGQAAttention(nn.Module):
     def __init__(self, args: HydraModelArgs):
         super().__init__()
@@ -103,13 +111,20 @@ class CCGQAAttention(nn.Module):
         self.wo = nn.Linear(self.q_dim, args.dim, bias=False)
         self.attend = get_attention_backend(args.attn_backend)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
+                cache: CacheView | None = None) -> torch.Tensor:
+        """`cache` (decode): the convs' input windows, the shifted heads' previous value, K/V."""
         bsz, seq_len, _ = x.shape
         hq, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q_pre, k_pre, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
 
-        q = self.q_head_conv(self.q_seq_conv(q_pre).view(bsz, seq_len, hq, hd))
-        k = self.k_head_conv(self.k_seq_conv(k_pre).view(bsz, seq_len, hk, hd))
+        def convs(pre, seq_conv, head_conv, heads, name):
+            seq = _causal(seq_conv, pre, seq_conv.kernel_size - 1, cache, f"{name}_seq_window")
+            return _causal(head_conv, seq.view(bsz, seq_len, heads, hd), head_conv.kernel_size - 1, cache,
+                           f"{name}_head_window")
+
+        q = convs(q_pre, self.q_seq_conv, self.q_head_conv, hq, "q")
+        k = convs(k_pre, self.k_seq_conv, self.k_head_conv, hk, "k")
 
         # q-k mean coupling from the pre-conv latents (GQA groups: q head j -> kv head j // g)
         mean_q = 0.5 * (q_pre.view(bsz, seq_len, hk, hq // hk, hd) + k_pre.view(bsz, seq_len, hk, 1, hd))
@@ -119,7 +134,8 @@ class CCGQAAttention(nn.Module):
         v = v.view(bsz, seq_len, hk, hd)
         if self.value_shift and hk > 1:  # the last floor(hk/2) heads read the previous token (hk = 1: none)
             current = hk - hk // 2
-            v = torch.cat([v[:, :, :current], causal_shift(v[:, :, current:], 1)], dim=2)
+            shifted = _causal(lambda t: causal_shift(t, 1), v[:, :, current:], 1, cache, "v_window")
+            v = torch.cat([v[:, :, :current], shifted], dim=2)
 
         # ||q|| = ||k|| = sqrt(hd); keys scaled by beta. SDPA applies 1/sqrt(hd) once.
         q = rms_normalize(q)
@@ -127,7 +143,10 @@ class CCGQAAttention(nn.Module):
         q = apply_rope(q, rope_cache, positions)
         k = apply_rope(k, rope_cache, positions)
 
-        out = self.attend(q, k, v)
+        if cache is None:
+            out = self.attend(q, k, v)
+        else:
+            out = KVCache.of(cache, hk, hd).attend(q, k, v, cache.valid)
         return self.wo(out.reshape(bsz, seq_len, self.q_dim))
 
     def init_weights(self, init_std: float, out_std: float) -> None:

@@ -43,17 +43,20 @@ class MoDRouter(nn.Module):
             return "soft"
         return "topk" if self.training else self.eval_routing
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, inner: InnerFn) -> tuple[torch.Tensor, dict]:
-        """Route x [B, S, E] through `inner`; returns (output, stats with `mod_frac`, `mod_aux`)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, inner: InnerFn,
+                token_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Route x [B, S, E] through `inner`; returns (output, stats with `mod_frac`, `mod_aux`).
+
+        `token_valid` [B, S] (decode: right-padded prompts) keeps padding out of the selection."""
         logits = router_logits(x, self.router.weight)
         mode = self.routing_mode()
         if mode == "soft":
-            return self._soft(x, positions, logits, inner)
+            return self._soft(x, positions, logits, inner, token_valid)
         if mode == "topk":
             idx = topk_indices(logits, static_capacity(self.capacity, x.shape[1]))
             valid = None
         else:  # threshold: sigmoid(r) > 0.5, causal
-            idx, valid = threshold_indices(logits > 0)
+            idx, valid = threshold_indices(logits > 0 if token_valid is None else (logits > 0) & token_valid)
 
         delta, stats = inner(gather_tokens(x, idx), gather_tokens(positions, idx), valid)
         weight = torch.sigmoid(gather_tokens(logits, idx))
@@ -70,13 +73,13 @@ class MoDRouter(nn.Module):
             stats["mod_frac"] = (logits > 0).float().mean()
         return out, stats
 
-    def _soft(self, x, positions, logits, inner) -> tuple[torch.Tensor, dict]:
+    def _soft(self, x, positions, logits, inner, token_valid=None) -> tuple[torch.Tensor, dict]:
         """Dense ablation: every token runs the block, output x + sigmoid(r)·Δ.
 
         Saves no compute at all (every token is processed); it exists for
         static-graph / CUDA-graph runs and as an ablation of hard routing.
         """
-        delta, stats = inner(x, positions, None)
+        delta, stats = inner(x, positions, token_valid)
         weight = torch.sigmoid(logits)
         stats["mod_aux"] = logits.new_zeros(())
         stats["mod_frac"] = weight.mean()

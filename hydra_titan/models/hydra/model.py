@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common.cache import CacheView, DecodeCache
 from ..common.decoder import Decoder
 from ..common.moe import moe_model_outputs
 from .args import HydraModelArgs
@@ -31,13 +32,16 @@ class HydraLayer(nn.Module):
         self.mod = (MoDRouter(args.dim, args.mod_capacity, args.mod_mode, args.eval_routing)
                     if args.is_mod_layer(layer_id) else None)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                rope: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
+                cache: CacheView | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.mod is None:
-            delta, stats = self.mor(x, positions, rope)
+            delta, stats = self.mor(x, positions, rope, cache=cache)
             stats["mod_frac"] = x.new_ones((), dtype=torch.float32)  # no "mod_aux": there is no MoD router
             return x + delta, stats
-        return self.mod(x, positions, lambda xs, ps, valid: self.mor(xs, ps, rope, valid))
+
+        def inner(xs, ps, valid):  # a token the router skips leaves no entry in the block's cache
+            return self.mor(xs, ps, rope, valid, cache=None if cache is None else cache.child("mor", valid))
+        return self.mod(x, positions, inner, None if cache is None else cache.valid)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         self.mor.init_weights(init_std, out_std)
@@ -51,8 +55,9 @@ class HydraModel(Decoder):
         super().__init__(args, layers, residual_depth=args.effective_depth)
         self.mod_layer_ids = [i for i in range(args.n_mor_blocks) if args.is_mod_layer(i)]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits, per_layer = self.run_layers(tokens, positions)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: DecodeCache | None = None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits, per_layer = self.run_layers(tokens, positions, cache, valid)
         return {"logits": logits, **self._combine_stats(per_layer)}
 
     def _combine_stats(self, per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.cache import CacheView
 from ..common.init import trunc_normal_
 from ..common.moe import merge_moe_stats
 from .args import HydraModelArgs
@@ -61,18 +62,21 @@ class MoRBlock(nn.Module):
         return "topk" if self.training else self.eval_routing
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
-                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                valid: torch.Tensor | None = None, cache: CacheView | None = None) -> tuple[torch.Tensor, dict]:
         """Residual update of x [B, N, E] (output - x) and routing stats.
 
         `valid` [B, N] marks real tokens when x is a right-padded selection
         (threshold routing of an enclosing MoD router); padding is never kept.
+        `cache`: decode state, one namespace per recursion step (the tokens that step processed).
         """
+        if cache is not None and valid is None:
+            valid = cache.valid
         if self.routing_mode() == "gaussian":
-            return self._gaussian(x, positions, rope_cache)
-        return self._expert_choice(x, positions, rope_cache, valid)
+            return self._gaussian(x, positions, rope_cache, cache)
+        return self._expert_choice(x, positions, rope_cache, valid, cache)
 
     # ------------------------------------------------------------ hard routing
-    def _expert_choice(self, x, positions, rope_cache, valid):
+    def _expert_choice(self, x, positions, rope_cache, valid, cache=None):
         bsz, n_tokens, _ = x.shape
         h = x
         active: torch.Tensor | None = None    # positions (into x) of the tokens still in the loop
@@ -93,7 +97,8 @@ class MoRBlock(nn.Module):
             if sel_valid is not None:
                 gate = gate * sel_valid
             block_in = _take(h, idx) + self.recursion_emb[step].to(h.dtype)
-            delta, step_stats = self.block.residual_update(block_in, _take(positions, idx), rope_cache)
+            step_cache = None if cache is None else cache.child(f"step{step}", sel_valid)
+            delta, step_stats = self.block.residual_update(block_in, _take(positions, idx), rope_cache, step_cache)
             ffn_stats.append(step_stats)
             update = (gate.unsqueeze(-1) * delta).to(h.dtype)
             h = h + update if idx is None else scatter_add_tokens(h, idx, update)
@@ -153,7 +158,7 @@ class MoRBlock(nn.Module):
         return (onehot * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)
 
     # ------------------------------------------------------------ dense alternative
-    def _gaussian(self, x, positions, rope_cache):
+    def _gaussian(self, x, positions, rope_cache, cache=None):
         """Gaussian soft depth: every token runs all R recursions (no compute saved).
 
         A depth mu in [1, R] is predicted per token (first router, sigmoid);
@@ -166,8 +171,9 @@ class MoRBlock(nn.Module):
         weights = torch.softmax(-((depths - mu.unsqueeze(-1)) ** 2) / (2 * self.sigma ** 2), dim=-1)
         h, mixed, ffn_stats = x, torch.zeros_like(x), []
         for step in range(self.recursions):
+            step_cache = None if cache is None else cache.child(f"step{step}")
             delta, step_stats = self.block.residual_update(h + self.recursion_emb[step].to(h.dtype), positions,
-                                                           rope_cache)
+                                                           rope_cache, step_cache)
             h = h + delta
             ffn_stats.append(step_stats)
             mixed = mixed + weights[..., step: step + 1].to(x.dtype) * h

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..common.attention import get_attention_backend
+from ..common.cache import CacheView, DecodeCache, KVCache
 from ..common.decoder import Decoder
 from ..common.block import PreNormBlock
 from ..common.init import trunc_normal_
@@ -29,12 +30,17 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(self.q_dim, args.dim, bias=False)
         self.attend = get_attention_backend(args.attn_backend)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
+                cache: CacheView | None = None) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = apply_rope(q.view(bsz, seq_len, self.n_heads, self.head_dim), rope, positions)
         k = apply_rope(k.view(bsz, seq_len, self.n_kv_heads, self.head_dim), rope, positions)
-        out = self.attend(q, k, v.view(bsz, seq_len, self.n_kv_heads, self.head_dim))
+        v = v.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if cache is None:
+            out = self.attend(q, k, v)
+        else:  # decode: the keys and values of every earlier token come from the cache
+            out = KVCache.of(cache, self.n_kv_heads, self.head_dim).attend(q, k, v, cache.valid)
         return self.wo(out.reshape(bsz, seq_len, self.q_dim))
 
     def init_weights(self, init_std: float, out_std: float) -> None:
@@ -55,8 +61,9 @@ class LlamaModel(Decoder):
         layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         super().__init__(args, layers, residual_depth=args.n_layers)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits, per_layer = self.run_layers(tokens, positions)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: DecodeCache | None = None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits, per_layer = self.run_layers(tokens, positions, cache, valid)
         zero = logits.new_zeros((), dtype=torch.float32)
         moe_aux, moe_outputs = moe_model_outputs(per_layer, self.args)  # nothing for a dense model
         return {"logits": logits, "aux_loss": zero if moe_aux is None else moe_aux, "ponder_loss": zero,
