@@ -22,7 +22,7 @@ import torch
 
 from .components.checkpoint import CheckpointError, CheckpointManager
 from .components.dataloader import PackedWindows, TokenDataLoader, load_windows, split_loader
-from .components.loss import build_loss_fn, count_target_tokens
+from .components.loss import build_loss_fn, bytes_of_targets, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler, fit_warmup
 from .components.metrics import (MetricsLogger, Throughput, moe_load_scalars, peak_flops, peak_memory_gib,
                                  routing_scalars)
@@ -91,6 +91,7 @@ class Trainer:
         torch.manual_seed(cfg.job.seed)  # same on every rank: identical initial weights
 
         self.tokenizer = build_tokenizer(cfg.tokenizer.name)
+        self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes per id, for validation bits-per-byte
         # data before the model: a bad path or source fails in seconds, not after materialising weights
         d = cfg.data
         windows = load_windows(source=d.source, path=d.path, tokenizer=self.tokenizer, seq_len=cfg.training.seq_len,
@@ -145,7 +146,7 @@ class Trainer:
             cfg.checkpoint, folder=self.dump_folder / cfg.checkpoint.folder, model=self.model,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, dataloader=self.train_loader,
             train_state=self.state, model_args=self.model_args, model_name=cfg.model.name,
-            cpu_group=self.dist.cpu_group)
+            tokenizer=cfg.tokenizer.name, cpu_group=self.dist.cpu_group)
         self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
                                      tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder,
                                      rank=self.dist.rank)
@@ -192,11 +193,17 @@ class Trainer:
         return {"parts": parts_sum, "grad_norm": grad_norm, "stats": stats}
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean validation cross-entropy with evaluation-time (causal) routing."""
+    def validate(self) -> tuple[float, float]:
+        """(mean validation cross-entropy, bits per byte) with evaluation-time (causal) routing.
+
+        Bits per byte = summed nats / ln 2 / UTF-8 bytes of the target tokens, which compares runs
+        with different tokenizers."""
         self.model.eval()
         ce_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device, dtype=torch.int64)
+        n_bytes = torch.zeros((), device=self.device, dtype=torch.int64)
+        if self._token_bytes is None:
+            self._token_bytes = torch.tensor(self.tokenizer.byte_lengths(), device=self.device)
         with eager_eval():
             for i, (inputs, labels) in enumerate(self.val_loader):
                 if i >= self.cfg.validation.steps:
@@ -206,9 +213,10 @@ class Trainer:
                 _, parts = self.loss_fn(out, labels, 1)
                 ce_sum += parts["ce"]
                 count += count_target_tokens(labels)
+                n_bytes += bytes_of_targets(labels, self._token_bytes)
         self.model.train()
-        ce_sum, count = all_reduce(ce_sum), all_reduce(count)
-        return (ce_sum / count.clamp_min(1)).item()
+        ce_sum, count, n_bytes = all_reduce(ce_sum), all_reduce(count), all_reduce(n_bytes)
+        return (ce_sum / count.clamp_min(1)).item(), (ce_sum / math.log(2) / n_bytes.clamp_min(1)).item()
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, _frame) -> None:
@@ -262,9 +270,9 @@ class Trainer:
                     result["stats"]["moe_load"], moe_window = moe_window, None
                 self._log_step(step, result, throughput)
             if self.val_loader is not None and (step % cfg.validation.freq == 0 or step == t.steps):
-                val_loss = self.validate()
-                logger.info("step %d  validation loss %.4f", step, val_loss)
-                self.metrics.log(step, {"validation/loss": val_loss})
+                val_loss, val_bpb = self.validate()
+                logger.info("step %d  validation loss %.4f  bits/byte %.4f", step, val_loss, val_bpb)
+                self.metrics.log(step, {"validation/loss": val_loss, "validation/bpb": val_bpb})
             self.checkpointer.maybe_save(step, last_step=step == t.steps)
         if self.state.step < t.steps:  # stopped by a signal: save where we are, then leave cleanly
             self.checkpointer.save(self.state.step, reason="signal")

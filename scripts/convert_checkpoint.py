@@ -34,10 +34,11 @@ import torch.distributed.checkpoint as dcp
 from hydra_titan.components.checkpoint import (DTYPES, META_FILE, CheckpointError, checkpoint_problem,
                                                load_model_weights, publish_checkpoint, read_meta,
                                                resolve_checkpoint_dir, single_process_quiet)
+from hydra_titan.components.checkpoint_files import TORCH_FILE_META_KEY
 
 logger = logging.getLogger("convert_checkpoint")
 
-META_KEY = "hydra_titan_meta"  # the checkpoint's hydra_titan.json, carried inside a torch.save file
+META_KEY = TORCH_FILE_META_KEY  # the checkpoint's hydra_titan.json, carried inside a torch.save file
 
 
 class ConversionError(Exception):
@@ -129,6 +130,7 @@ def dcp_to_safetensors(args: argparse.Namespace) -> None:
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in weights.values()})
     config = {"model_name": meta.get("model_name"), "model_args": meta.get("model_args"),
+              "tokenizer": meta.get("tokenizer"),
               "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "step": meta.get("step"), "source": str(src),
               "num_parameters": sum(v.numel() for v in weights.values())}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

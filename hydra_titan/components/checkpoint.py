@@ -86,7 +86,7 @@ class CheckpointManager:
 
     def __init__(self, cfg, *, folder: str | os.PathLike, model: torch.nn.Module, optimizer=None, lr_scheduler=None,
                  dataloader=None, train_state=None, model_args: Any = None, model_name: str = "",
-                 cpu_group: Any = None) -> None:
+                 tokenizer: str = "", cpu_group: Any = None) -> None:
         """``cpu_group``: a gloo group the caller already has for main-thread coordination (the trainer's
         ``DistInfo.cpu_group``); without one, a non-gloo default group gets a gloo group of its own."""
         self.cfg = cfg
@@ -95,6 +95,7 @@ class CheckpointManager:
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.dataloader, self.train_state = dataloader, train_state
         self.model_name = model_name
+        self.tokenizer = tokenizer  # recorded so generate/evaluate rebuild the run's tokenizer
         self.model_args = model_args_to_dict(model_args) if model_args is not None else None
         unknown = sorted(set(cfg.exclude_from_loading) - set(EXCLUDABLE))
         if unknown:
@@ -319,7 +320,8 @@ class CheckpointManager:
         contents = ["model"] if model_only else [k for k in STATE_KEYS if self._owner(k) is not None]
         dtype = DTYPES[export_dtype] if export_dtype else None
         meta = {"format_version": FORMAT_VERSION, "step": step, "reason": reason, "contents": contents,
-                "model_name": self.model_name, "model_args": self.model_args, "world_size": self.world_size,
+                "model_name": self.model_name, "model_args": self.model_args, "tokenizer": self.tokenizer,
+                "world_size": self.world_size,
                 "export_dtype": export_dtype, "torch_version": torch.__version__}
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

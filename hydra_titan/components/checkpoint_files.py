@@ -240,6 +240,28 @@ def dcp_mismatch_keys(err: BaseException) -> list[str]:
     return sorted(set(found))
 
 
+def _build_model(meta: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device | str,
+                 where: Path) -> tuple[torch.nn.Module, Any]:
+    """The model a checkpoint's metadata names, built on `device` and loaded strictly from `weights`."""
+    from ..models import get_model_spec  # the registry, imported here: the trainer's manager never needs it
+
+    name, raw_args = meta.get("model_name"), meta.get("model_args")
+    if not name or raw_args is None:
+        raise CheckpointError(f"{where} records no model name and args; cannot rebuild its model")
+    spec = get_model_spec(name)
+    args = spec.args_cls(**raw_args)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    model.to_empty(device=device)
+    model.init_buffers(device)
+    weights = {strip_wrapper_prefixes(k): v for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not fit a {name} model built from its own args: missing "
+                              f"{shorten(sorted(missing))}; unexpected {shorten(sorted(unexpected))}")
+    return model, args
+
+
 def load_model_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"
                                ) -> tuple[torch.nn.Module, str, Any, Path]:
     """(model, model name, model args, checkpoint folder) rebuilt from a checkpoint's metadata and weights.
@@ -248,22 +270,50 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: torch.device | s
     built from the recorded name and args, then loaded strictly (buffers such as MoE expert biases too).
     One process, no process group; for diagnostics and inference, not for resuming a run.
     """
-    from ..models import get_model_spec  # the registry, imported here: the trainer's manager never needs it
-
     folder = resolve_checkpoint_dir(path)
     meta = read_meta(folder) or {}
-    name, raw_args = meta.get("model_name"), meta.get("model_args")
-    if not name or raw_args is None:
+    if not meta.get("model_name"):
         raise CheckpointError(f"{folder} records no model name and args ({META_FILE}); cannot rebuild its model")
-    spec = get_model_spec(name)
-    args = spec.args_cls(**raw_args)
-    with torch.device("meta"):
-        model = spec.model_cls(args)
-    model.to_empty(device=device)
-    model.init_buffers(device)
-    weights = load_model_weights(folder)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{folder} does not fit a {name} model built from its own args: missing "
-                              f"{shorten(sorted(missing))}; unexpected {shorten(sorted(unexpected))}")
-    return model, name, args, folder
+    model, args = _build_model(meta, load_model_weights(folder), device, folder)
+    return model, meta["model_name"], args, folder
+
+
+TORCH_FILE_META_KEY = "hydra_titan_meta"  # the checkpoint's hydra_titan.json inside a dcp-to-torch file
+
+
+def load_inference_model(path: str | os.PathLike, device: torch.device | str = "cpu"
+                         ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, the checkpoint's metadata) from any checkpoint form:
+
+    * a DCP ``step-N`` folder, or a run's checkpoint folder (its newest complete step);
+    * ``scripts/convert_checkpoint.py dcp-to-safetensors`` output: the folder, or its model.safetensors
+      (config.json beside it holds the model name, args and tokenizer);
+    * a ``dcp-to-torch`` file (the whole state; its metadata rides along inside).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        config = path.parent / "config.json"
+        if not config.is_file():
+            raise CheckpointError(f"{path} has no config.json beside it (written by dcp-to-safetensors)")
+        meta = json.loads(config.read_text(encoding="utf-8"))
+        model, _ = _build_model(meta, load_file(str(path)), device, path)
+    elif path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (not a torch file: say what the path should be)
+            raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__}); give a DCP folder, a "
+                                  "dcp-to-safetensors output or a dcp-to-torch file") from None
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{path} holds no 'model' state dict (is it a dcp-to-torch file?)")
+        meta = state.get(TORCH_FILE_META_KEY) or {}
+        model, _ = _build_model(meta, state["model"], device, path)
+    else:
+        model, _, _, folder = load_model_from_checkpoint(path, device)
+        meta = read_meta(folder) or {}
+    return model.eval(), meta

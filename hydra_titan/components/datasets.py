@@ -262,6 +262,12 @@ def _encode_documents(batch: list[list[str]], tokenizer: Tokenizer) -> list[list
     return out
 
 
+def encode_files(files: Iterable[Path], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """The token ids of every document of text/jsonl files, framed as in training (BOS ... EOS)."""
+    for batch in _batched(iter_file_documents(files), _ENCODE_BATCH_DOCS):
+        yield from _encode_documents(batch, tokenizer)
+
+
 def open_token_shard(bin_path: Path, tokenizer: Tokenizer | None = None) -> TokenShard:
     """Memmap one shard after checking its sidecar (and vocab, if a tokenizer is given)."""
     bin_path = Path(bin_path)

@@ -59,6 +59,13 @@ def _flatten(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
 
 
+def bytes_of_targets(labels: torch.Tensor, token_bytes: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                     ) -> torch.Tensor:
+    """UTF-8 bytes of the target tokens (``token_bytes`` [V]: bytes per id), as an int64 tensor."""
+    keep = labels != ignore_index
+    return (token_bytes[labels.masked_fill(~keep, 0)] * keep).sum()
+
+
 def count_target_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Number of labels that are not ``ignore_index``, as an int64 tensor (no host sync).
 

@@ -158,6 +158,21 @@ class Tokenizer:
             ids = ids.tolist()
         return self._encoding.decode([int(i) for i in ids])
 
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of each id's text (special tokens: 0). For byte-level BPE the bytes of a token
+        sequence sum to the bytes of its text exactly: the denominator of bits-per-byte."""
+        special = set(self.special_tokens.values())
+        out = []
+        for i in range(self.n_words):
+            if i in special:
+                out.append(0)
+                continue
+            try:
+                out.append(len(self._encoding.decode_single_token_bytes(i)))
+            except KeyError:  # an id no merge produces
+                out.append(0)
+        return out
+
     def _frame(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         if bos:
             ids.insert(0, self._bos_id)
