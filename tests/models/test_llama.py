@@ -14,7 +14,7 @@ from hydra_titan.models.common import (
     swiglu_hidden_dim,
 )
 from hydra_titan.models.llama import LlamaModel, LlamaModelArgs
-from hydra_titan.models.llama.model import GQAttention
+from hydra_titan.models.common.gqa import GQAttention
 
 
 def tiny_args(**kw) -> LlamaModelArgs:

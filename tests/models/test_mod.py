@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from hydra_titan.models.hydra import HydraModel
 from hydra_titan.models.hydra.args import HYDRA_FLAVORS, HydraModelArgs
-from hydra_titan.models.hydra.mod import MoDRouter
-from hydra_titan.models.hydra.routing import static_capacity, threshold_indices, topk_indices
+from hydra_titan.models.common.mod import MoDRouter
+from hydra_titan.models.common.routing import static_capacity, threshold_indices, topk_indices
 
 
 class RecordingInner:

@@ -7,7 +7,7 @@ reference is the plain torch op, in value and in gradient, eager and compiled.
 import pytest
 import torch
 
-from hydra_titan.models.hydra.routing import gather_tokens, router_logits, scatter_add_tokens, topk_indices
+from hydra_titan.models.common.routing import gather_tokens, router_logits, scatter_add_tokens, topk_indices
 
 
 def _case(dtype, b=3, n=17, k=6, e=8, seed=0):

@@ -148,3 +148,19 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1.0, 16.0)))
         nn.init.ones_(self.D)
         self.norm.reset_parameters()
+
+
+# FLOPs (DESIGN §4): weights cost 6 per token; the SSD scan counts the chunked form the kernels run,
+# per head and token (forward; backward twice that): the intra-chunk q·k^T and scores·v over the L
+# tokens of the chunk, 2L(N + P), and the chunk state k^T v plus the state read q h, 4NP.
+def ssm_weight_params(dim: int, cfg: SSMConfig) -> int:
+    """in_proj and out_proj of one mixer (the per-head vectors and norm gain are not matmuls)."""
+    inner, heads, bc = cfg.expand * dim, cfg.n_heads(dim), cfg.groups * cfg.state_dim
+    return dim * (2 * inner + 2 * bc + heads) + inner * dim
+
+
+def ssm_flops_per_token(dim: int, cfg: SSMConfig) -> float:
+    inner, heads = cfg.expand * dim, cfg.n_heads(dim)
+    conv_dim = inner + 2 * cfg.groups * cfg.state_dim
+    scan_fwd = heads * (2 * cfg.chunk_size * (cfg.state_dim + cfg.head_dim) + 4 * cfg.state_dim * cfg.head_dim)
+    return 6 * ssm_weight_params(dim, cfg) + 6 * conv_dim * cfg.conv_kernel + 3 * scan_fwd

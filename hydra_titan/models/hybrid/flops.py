@@ -12,24 +12,11 @@ v3's global SSM processes one summary per `global_chunk` tokens.
 from __future__ import annotations
 
 from ..common.moe import ffn_active_params
-from ..common.ssm import SSMConfig
-from ..hydra.routing import static_capacity
+from ..common.ssm import ssm_flops_per_token, ssm_weight_params
+from ..common.routing import static_capacity
 from ..llama.flops import attention_weight_params
 from ..registry import FlopCount
 from .args import HybridModelArgs
-
-
-def ssm_weight_params(dim: int, cfg: SSMConfig) -> int:
-    """in_proj and out_proj of one mixer (the per-head vectors and norm gain are not matmuls)."""
-    inner, heads, bc = cfg.expand * dim, cfg.n_heads(dim), cfg.groups * cfg.state_dim
-    return dim * (2 * inner + 2 * bc + heads) + inner * dim
-
-
-def ssm_flops_per_token(dim: int, cfg: SSMConfig) -> float:
-    inner, heads = cfg.expand * dim, cfg.n_heads(dim)
-    conv_dim = inner + 2 * cfg.groups * cfg.state_dim
-    scan_fwd = heads * (2 * cfg.chunk_size * (cfg.state_dim + cfg.head_dim) + 4 * cfg.state_dim * cfg.head_dim)
-    return 6 * ssm_weight_params(dim, cfg) + 6 * conv_dim * cfg.conv_kernel + 3 * scan_fwd
 
 
 def _layer_flops(args: HybridModelArgs, layer_id: int, kind: str, seq_len: int, dense: bool) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
 Every layer is pre-RMSNorm mixer + residual, then pre-RMSNorm SwiGLU (or MoE) + residual:
 * "S": the Mamba-2 mixer (v3: plus the global SSM over earlier chunks' summaries);
-* "A": the common grouped-query attention with RoPE (llama's);
+* "A": the common grouped-query attention with RoPE (common/gqa.py, llama's attention);
 * "R" (v2): the SSM on every token, then MoD-style routing (DESIGN §3.4 mechanics, the same
   router as HYDRA's MoD): a static top-k fraction gets causal attention among itself, added as
   sigmoid(r)·attn, so the router is on the task-gradient path; a BCE aux loss teaches it to
@@ -23,8 +23,8 @@ from ..common.decoder import Decoder
 from ..common.moe import build_feed_forward, feed_forward_with_stats, moe_model_outputs
 from ..common.norms import RMSNorm
 from ..common.ssm import Mamba2Mixer, SSMConfig
-from ..hydra.mod import MoDRouter
-from ..llama.model import GQAttention
+from ..common.mod import MoDRouter
+from ..common.gqa import GQAttention
 from .args import HybridModelArgs
 
 

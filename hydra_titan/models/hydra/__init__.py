@@ -11,7 +11,7 @@ from .ccgqa import CCGQAAttention, CCGQABlock
 from .factory import create_ccgqa_mod_mor_model
 from .flops import hydra_flops_per_token, hydra_active_params
 from .model import HydraLayer, HydraModel
-from .mod import MoDRouter
+from ..common.mod import MoDRouter
 from .mor import MoRBlock
 
 # the original HYDRA's names for the same classes

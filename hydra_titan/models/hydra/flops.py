@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..common.moe import ffn_active_params
 from ..registry import FlopCount
 from .args import HydraModelArgs
-from .routing import kept_counts, static_capacity
+from ..common.routing import kept_counts, static_capacity
 
 
 def block_weight_params(args: HydraModelArgs, layer_id: int = 0) -> int:

@@ -20,7 +20,7 @@ from ..common.cache import CacheView, DecodeCache
 from ..common.decoder import Decoder
 from ..common.moe import moe_model_outputs
 from .args import HydraModelArgs
-from .mod import MoDRouter
+from ..common.mod import MoDRouter
 from .mor import MoRBlock
 
 

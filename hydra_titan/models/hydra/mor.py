@@ -27,7 +27,7 @@ from ..common.init import trunc_normal_
 from ..common.moe import merge_moe_stats
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
-from .routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
+from ..common.routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
                       threshold_indices, topk_indices)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.init import trunc_normal_
+from .init import trunc_normal_
 from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
                       topk_indices)
 
