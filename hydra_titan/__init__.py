@@ -23,6 +23,7 @@ _PUBLIC_MODEL_API = {
     "HydraModelArgs": "hydra",
     "LlamaModel": "llama",
     "MoE": "common.moe",
+    "OrkyHydraWaaaghModel": "waaagh",
 }
 
 __all__ = ["__version__", *_PUBLIC_MODEL_API]

@@ -71,6 +71,10 @@ def _shape(model: str, args) -> str:
             args.variant, f"{kinds.count('A')} attn + {kinds.count('S')} SSM")
         shape = (f"{args.variant}: {mix}, {args.n_heads}q/{args.n_kv_heads}kv x {args.head_dim}; "
                  f"SSM {args.ssm_config.n_heads(args.dim)}h x P{args.ssm_head_dim} N{args.ssm_state_dim}")
+    elif model == "waaagh":
+        shape = (f"{args.n_layers} x (SSM + 4 heads of {args.n_heads} x {args.head_dim}: window {args.window}, "
+                 f"top-{args.sparse_k}, {args.memory_slots} memory slots, prediction); "
+                 f"SSM {args.ssm_config.n_heads(args.dim)}h x P{args.ssm_head_dim} N{args.ssm_state_dim}")
     else:
         shape = f"{args.n_layers} layers, {args.n_heads}q/{args.n_kv_heads}kv x {args.head_dim}"
     if getattr(args, "moe_num_experts", 0):

@@ -1,6 +1,6 @@
-"""Model families. Importing this package registers `hydra`, `llama` and `hybrid`."""
+"""Model families. Importing this package registers `hydra`, `llama`, `hybrid` and `waaagh`."""
 
-from . import hybrid, hydra, llama  # noqa: F401  (registers the specs)
+from . import hybrid, hydra, llama, waaagh  # noqa: F401  (registers the specs)
 from .registry import FlopCount, ModelSpec, ParamReport, get_model_spec, register_model_spec, registered_models
 
 __all__ = ["FlopCount", "ModelSpec", "ParamReport", "get_model_spec", "register_model_spec", "registered_models"]

@@ -24,6 +24,7 @@ CASES = {
     "hybrid_v2": ("hybrid", {"variant": "v2", "ssm_chunk_size": 16}),
     "hybrid_v3": ("hybrid", {"variant": "v3", "ssm_chunk_size": 16, "global_chunk": (8, 16)}),
     "hybrid_v1_moe": ("hybrid", {"variant": "v1", "ssm_chunk_size": 16, "moe_num_experts": 4}),
+    "waaagh": ("waaagh", {"ssm_chunk_size": 16, "window": 8, "sparse_k": 4, "sparse_query_chunk": 16}),
 }
 
 

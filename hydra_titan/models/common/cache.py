@@ -104,12 +104,14 @@ def extend_with_window(view: CacheView, name: str, x: torch.Tensor, size: int) -
 
 
 class KVCache:
-    """Keys and values of one attention, preallocated for max_len entries of every row."""
+    """Keys and values of one attention, preallocated for max_len entries of every row, with each
+    entry's token position (for windowed attention) and validity."""
 
     def __init__(self, batch: int, max_len: int, heads: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, max_len, heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.offset = 0
 
     @classmethod
@@ -117,22 +119,34 @@ class KVCache:
         c = view.cache
         return view.get("kv", lambda: cls(c.batch, c.max_len, heads, head_dim, c.device, c.dtype))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
-        """Append k, v [B, T, Hkv, D] and attend q [B, T, Hq, D] over every valid cached key up to itself."""
-        seq_len, start = q.shape[1], self.offset
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None,
+               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append k, v [B, T, Hkv, D]; return every key and value so far and the mask [B, T, L] of
+        the keys each new query may read: valid, not after it, within `window` positions if given."""
+        seq_len, start = k.shape[1], self.offset
         end = start + seq_len
         if end > self.k.shape[1]:
             raise ValueError(f"decode cache full: an attention needs {end} entries, init_cache gave {self.k.shape[1]}")
         self.k[:, start:end], self.v[:, start:end] = k, v
         self.key_valid[:, start:end] = valid
+        if positions is not None:
+            self.key_pos[:, start:end] = positions
         self.offset = end
-        query_at = start + torch.arange(seq_len, device=q.device)
-        key_at = torch.arange(end, device=q.device)
+        query_at = start + torch.arange(seq_len, device=k.device)
+        key_at = torch.arange(end, device=k.device)
         causal = key_at[None, :] <= query_at[:, None]                       # [T, L]
+        mask = causal & self.key_valid[:, None, :end]
+        if window is not None:
+            mask = mask & (self.key_pos[:, None, :end] > positions[:, :, None] - window)
         # a padding query keeps its own key, so its (ignored) row never softmaxes over nothing
-        mask = (causal & self.key_valid[:, None, :end]) | (key_at[None, :] == query_at[:, None])
+        mask = mask | (key_at[None, :] == query_at[:, None])
+        return self.k[:, :end], self.v[:, :end], mask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+        """Append k, v [B, T, Hkv, D] and attend q [B, T, Hq, D] over every valid cached key up to itself."""
+        keys, values, mask = self.append(k, v, valid)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), self.k[:, :end].transpose(1, 2).to(q.dtype), self.v[:, :end].transpose(1, 2).to(q.dtype),
+            q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
             attn_mask=mask[:, None], scale=scale, enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
