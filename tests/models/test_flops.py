@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hydra_titan.models import get_model_spec
 from hydra_titan.models.hydra import HYDRA_SPEC, HydraModel, HydraModelArgs, hydra_flops_per_token
-from hydra_titan.models.hydra import mod as mod_module
+from hydra_titan.models.common import mod as mod_module
 from hydra_titan.models.hydra import mor as mor_module
 from hydra_titan.models.hydra.flops import block_weight_params
 from hydra_titan.models.llama import LLAMA_SPEC, LlamaModel, LlamaModelArgs, llama_flops_per_token
