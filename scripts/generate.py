@@ -25,11 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra_titan.components.checkpoint_files import CheckpointError, load_inference_model  # noqa: E402
+from hydra_titan.components.checkpoint_files import DTYPES, CheckpointError, load_inference_model  # noqa: E402
 from hydra_titan.components.generation import generate  # noqa: E402
 from hydra_titan.components.tokenizer import build_tokenizer  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load(parser: argparse.ArgumentParser, opts) -> tuple[torch.nn.Module, object, torch.device]:

@@ -37,6 +37,7 @@ class DecodeCache:
     dtype: torch.dtype
     lengths: torch.Tensor = field(init=False)  # [B] tokens appended per row (the next token's position)
     store: dict[str, Any] = field(init=False, default_factory=dict)
+    appended: int = field(init=False, default=0)  # entries each row holds, padding included (host side)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.max_len < 1:
@@ -58,7 +59,7 @@ class DecodeCache:
                              f"got {valid.dtype} {tuple(valid.shape)}")
         if positions is None:
             positions = self.lengths[:, None] + torch.arange(seq_len, device=tokens.device)
-        end = int(self.lengths.max()) + seq_len
+        end = self.appended + seq_len
         if end > min(self.max_len, max_seq_len):
             raise ValueError(f"decode cache full: {end} tokens exceed max_len {self.max_len} of init_cache "
                              f"or the model's max_seq_len {max_seq_len}")
@@ -66,6 +67,7 @@ class DecodeCache:
 
     def advance(self, valid: torch.Tensor) -> None:
         self.lengths += valid.sum(dim=1)
+        self.appended += valid.shape[1]
 
 
 @dataclass
@@ -84,6 +86,11 @@ class CacheView:
         if name not in self.store:
             self.store[name] = make()
         return self.store[name]
+
+
+def child_view(cache: CacheView | None, name: str, valid: torch.Tensor | None = None) -> CacheView | None:
+    """`cache.child(name, valid)`, or None outside decoding: what a module passes to its sub-modules."""
+    return None if cache is None else cache.child(name, valid)
 
 
 def extend_with_window(view: CacheView, name: str, x: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.block import PreNormBlock, Stats
-from ..common.cache import CacheView, DecodeCache
+from ..common.cache import CacheView, DecodeCache, child_view
 from ..common.decoder import Decoder
 from ..common.moe import build_feed_forward, feed_forward_with_stats, moe_model_outputs
 from ..common.norms import RMSNorm
@@ -106,10 +106,10 @@ class RoutedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
                 cache: CacheView | None = None) -> tuple[torch.Tensor, Stats]:
-        h = x + self.ssm(self.ssm_norm(x), cache=None if cache is None else cache.child("ssm"))
+        h = x + self.ssm(self.ssm_norm(x), cache=child_view(cache, "ssm"))
 
         def routed_attention(xs, ps, valid):  # valid: right padding in eval, which causal attention ignores
-            view = None if cache is None else cache.child("attention", valid)  # K/V of routed tokens only
+            view = child_view(cache, "attention", valid)  # K/V of routed tokens only
             return self.attention(self.attention_norm(xs), ps, rope_cache, cache=view), {}
 
         h, stats = self.mod(h, positions, routed_attention, None if cache is None else cache.valid)

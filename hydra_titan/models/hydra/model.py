@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..common.cache import CacheView, DecodeCache
+from ..common.cache import CacheView, DecodeCache, child_view
 from ..common.decoder import Decoder
 from ..common.moe import moe_model_outputs
 from .args import HydraModelArgs
@@ -40,7 +40,7 @@ class HydraLayer(nn.Module):
             return x + delta, stats
 
         def inner(xs, ps, valid):  # a token the router skips leaves no entry in the block's cache
-            return self.mor(xs, ps, rope, valid, cache=None if cache is None else cache.child("mor", valid))
+            return self.mor(xs, ps, rope, valid, cache=child_view(cache, "mor", valid))
         return self.mod(x, positions, inner, None if cache is None else cache.valid)
 
     def init_weights(self, init_std: float, out_std: float) -> None:

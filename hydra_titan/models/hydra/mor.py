@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.cache import CacheView
+from ..common.cache import CacheView, child_view
 from ..common.init import trunc_normal_
 from ..common.moe import merge_moe_stats
 from .args import HydraModelArgs
@@ -97,7 +97,7 @@ class MoRBlock(nn.Module):
             if sel_valid is not None:
                 gate = gate * sel_valid
             block_in = _take(h, idx) + self.recursion_emb[step].to(h.dtype)
-            step_cache = None if cache is None else cache.child(f"step{step}", sel_valid)
+            step_cache = child_view(cache, f"step{step}", sel_valid)
             delta, step_stats = self.block.residual_update(block_in, _take(positions, idx), rope_cache, step_cache)
             ffn_stats.append(step_stats)
             update = (gate.unsqueeze(-1) * delta).to(h.dtype)
@@ -171,7 +171,7 @@ class MoRBlock(nn.Module):
         weights = torch.softmax(-((depths - mu.unsqueeze(-1)) ** 2) / (2 * self.sigma ** 2), dim=-1)
         h, mixed, ffn_stats = x, torch.zeros_like(x), []
         for step in range(self.recursions):
-            step_cache = None if cache is None else cache.child(f"step{step}")
+            step_cache = child_view(cache, f"step{step}")
             delta, step_stats = self.block.residual_update(h + self.recursion_emb[step].to(h.dtype), positions,
                                                            rope_cache, step_cache)
             h = h + delta

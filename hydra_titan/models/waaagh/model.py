@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..common.block import Stats
-from ..common.cache import CacheView, DecodeCache
+from ..common.cache import CacheView, DecodeCache, child_view
 from ..common.decoder import Decoder
 from ..common.init import trunc_normal_
 from ..common.moe import build_feed_forward, feed_forward_with_stats, moe_model_outputs
@@ -23,10 +23,6 @@ from ..common.norms import RMSNorm
 from ..common.ssm import Mamba2Mixer
 from .args import WaaaghModelArgs
 from .heads import LocalHead, MemoryHead, PredictionHead, SparseGlobalHead
-
-
-def _child(cache: CacheView | None, name: str) -> CacheView | None:
-    return None if cache is None else cache.child(name)
 
 
 class WaaaghBlock(nn.Module):
@@ -46,11 +42,11 @@ class WaaaghBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
                 cache: CacheView | None = None) -> tuple[torch.Tensor, Stats]:
-        h = x + self.ssm(self.ssm_norm(x), cache=_child(cache, "ssm"))
+        h = x + self.ssm(self.ssm_norm(x), cache=child_view(cache, "ssm"))
         n = self.heads_norm(h)
         predicted = self.prediction(n)
-        heads = [self.local(n, positions, rope_cache, _child(cache, "local")),
-                 self.sparse(n, positions, rope_cache, _child(cache, "sparse")),
+        heads = [self.local(n, positions, rope_cache, child_view(cache, "local")),
+                 self.sparse(n, positions, rope_cache, child_view(cache, "sparse")),
                  self.memory(n), predicted]
         h = h + self.wo(torch.cat(heads, dim=-1))
         out, stats = feed_forward_with_stats(self.feed_forward, self.ffn_norm(h))
