@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, dispatch each cached decode step eagerly instead of replaying a CUDA graph")
     parser.add_argument("--json", default="", help="also write prompt ids, new ids, text and tokens/s here")
     opts = parser.parse_args(argv)
     if not opts.temperature >= 0:
@@ -89,17 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             print(text[len(shown):], end="", flush=True)
             shown = text
 
+    graph = device.type == "cuda" and not opts.no_cache and not opts.no_cuda_graph
     print(opts.prompt, end="", flush=True)
     start = time.perf_counter()
     generate(model, [prompt_ids], opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
              top_p=opts.top_p, seed=opts.seed, stop_ids=[tokenizer.eos_id], use_cache=not opts.no_cache,
-             on_tokens=stream)
+             cuda_graph=graph, on_tokens=stream)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     speed = len(new) / seconds if seconds > 0 else float("nan")
     print(f"\n[{len(new)} tokens in {seconds:.2f} s: {speed:.1f} tokens/s, "
-          f"{'recompute' if opts.no_cache else 'cached'} decode, {device.type} {opts.dtype}]", file=sys.stderr)
+          f"{'recompute' if opts.no_cache else 'cached'} decode{' (CUDA graph)' if graph else ''}, "
+          f"{device.type} {opts.dtype}]", file=sys.stderr)
     if opts.json:
         Path(opts.json).write_text(json.dumps({"prompt_ids": prompt_ids, "new_ids": new, "text": shown,
                                                "tokens_per_s": speed}) + "\n", encoding="utf-8")

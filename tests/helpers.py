@@ -1,4 +1,4 @@
-"""Shared helpers for tests that run the real trainer in subprocesses."""
+"""Shared helpers: the real trainer in subprocesses, and the models the decode tests cover."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +32,34 @@ def run_trainer(args: list[str], dump: Path, *, nproc: int = 1, timeout: int = 3
 def losses(dump: Path, key: str = "loss/ce") -> list[float]:
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+DECODE_VOCAB = 512
+# family, flavor overrides: every routing path in eval (MoD + nested MoR thresholds, v2's routed
+# attention), CCGQA's convs and value shift, SSM states, v3's chunk summaries, MoE FFNs
+DECODE_CASES = {
+    "llama": ("llama", {}),
+    "llama_moe": ("llama", {"moe_num_experts": 4, "moe_top_k": 2, "moe_every": 2}),
+    "hydra": ("hydra", {"recursions": 3, "conv_kernel_seq": 3, "dim": 384, "head_dim": 32, "n_heads": 6,
+                        "n_kv_heads": 3}),
+    "hydra_moe": ("hydra", {"moe_num_experts": 4, "mod_every": 2}),
+    "hydra_soft": ("hydra", {"mod_mode": "soft", "mor_mode": "gaussian"}),
+    "hybrid_v1": ("hybrid", {"variant": "v1", "ssm_chunk_size": 16}),
+    "hybrid_v2": ("hybrid", {"variant": "v2", "ssm_chunk_size": 16}),
+    "hybrid_v3": ("hybrid", {"variant": "v3", "ssm_chunk_size": 16, "global_chunk": (8, 16)}),
+    "hybrid_v1_moe": ("hybrid", {"variant": "v1", "ssm_chunk_size": 16, "moe_num_experts": 4}),
+    "waaagh": ("waaagh", {"ssm_chunk_size": 16, "window": 8, "sparse_k": 4, "sparse_query_chunk": 16}),
+}
+
+
+def build_decode_case(case: str, device: str = "cpu") -> torch.nn.Module:
+    """The debug flavor of DECODE_CASES[case], seeded and initialised on the CPU, on `device`, in eval mode."""
+    from hydra_titan.models import get_model_spec
+
+    torch.manual_seed(0)
+    name, overrides = DECODE_CASES[case]
+    model = get_model_spec(name).build("debug", vocab_size=DECODE_VOCAB, max_seq_len=256, **overrides)
+    model.init_weights()
+    model.to(device)
+    model.init_buffers(device)
+    return model.eval()

@@ -10,6 +10,10 @@ state, so a row generates what it would generate alone. With `use_cache=False` e
 recomputes the whole (right-padded) sequence instead: causal models ignore what lies after a
 row's last token, so both paths give the same tokens; the recompute path is the reference and the
 baseline of the decode benchmark.
+
+With `cuda_graph=True` (CUDA, cached) the one-token decode step is recorded once as a CUDA graph and
+replayed (`CapturedDecodeStep`): an eager step of a 1B model at batch 1 spends its time dispatching
+hundreds of small kernels from Python, a replay launches them all at once.
 """
 
 from __future__ import annotations
@@ -77,27 +81,81 @@ def _right_padded(rows: list[list[int]], width: int, device) -> tuple[torch.Tens
     return tokens.to(device), (torch.arange(width) < lengths[:, None]).to(device)
 
 
+def _to_host_async(ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of ids on the host and, on CUDA, the event after which it holds them. The sampled
+    ids are read one step late: the next step is queued before the host waits, so the device never
+    idles while the host launches it."""
+    if ids.device.type != "cuda":
+        return ids, None
+    on_host = ids.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return on_host, ready
+
+
 def _device_and_max_len(model: nn.Module) -> tuple[torch.device, int]:
     return next(model.parameters()).device, model.args.max_seq_len
+
+
+class CapturedDecodeStep:
+    """`model(tokens [B, 1], cache=cache)["logits"][:, -1]`, recorded once as a CUDA graph and replayed.
+
+    It relies on the decode protocol's static step (models/common/cache.py): at T = 1 every state
+    tensor of the cache is updated in place and nothing is read back to the host, so the recorded
+    kernels read and write the same memory at each replay. Creating it runs one real step eagerly on
+    a side stream (the warm-up CUDA asks for before a capture) and then records a second one, which
+    executes nothing; each call replays it for the next token. The returned logits are the graph's
+    output buffer, overwritten by the next call.
+    """
+
+    def __init__(self, model: nn.Module, cache, tokens: torch.Tensor):
+        if tokens.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the model on a CUDA device, got {tokens.device}")
+        self.cache, self.tokens = cache, tokens.clone()
+        self._step = lambda: model(self.tokens, cache=cache)["logits"][:, -1]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.first = self._step()           # a real step: it advances the cache
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        appended = cache.appended
+        with torch.cuda.graph(self.graph, stream=stream):
+            self.logits = self._step()          # recorded, not run: the host counter is put back
+        cache.appended = appended
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache.appended + 1 > self.cache.max_len:
+            raise ValueError(f"decode cache full: {self.cache.appended + 1} tokens exceed max_len {self.cache.max_len}")
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.cache.appended += 1
+        return self.logits
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (), use_cache: bool = True,
+             cuda_graph: bool = False,
              on_tokens: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (a list of id lists, or one list), stopping a row at a stop id
     (kept) or after `max_new_tokens`. A prompt longer than the model's max_seq_len is an error; the
-    continuation stops where the longest row reaches it. `on_tokens` gets each step's token per row
-    (None for a finished row), for streaming."""
+    continuation stops where the longest row reaches it. `cuda_graph`: replay the decode step as a
+    CUDA graph (CUDA, with the cache). `on_tokens` gets each step's token per row (None for a
+    finished row), for streaming."""
     cfg = SamplingConfig(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if cuda_graph and not use_cache:
+        raise ValueError("cuda_graph replays the cached decode step; it needs use_cache=True")
     rows = _as_rows(prompt_ids)
     device, max_seq_len = _device_and_max_len(model)
     longest = max(len(r) for r in rows)
     if longest > max_seq_len:
         raise ValueError(f"a prompt of {longest} tokens exceeds the model's max_seq_len {max_seq_len}")
     steps = min(max_new_tokens, max_seq_len - longest)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs the model on a CUDA device, got {device}")
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stops = {int(s) for s in stop_ids}
     out: list[list[int]] = [[] for _ in rows]
@@ -108,6 +166,7 @@ def generate(model: nn.Module, prompt_ids, max_new_tokens: int, *, temperature: 
         tokens, valid = _right_padded(rows, longest, device)
         batch = torch.arange(len(rows), device=device)
         lengths = valid.sum(dim=1)
+        captured: CapturedDecodeStep | None = None
         if use_cache:
             cache = model.init_cache(len(rows), longest + steps, device)
             last = model(tokens, cache=cache, valid=valid)["logits"][batch, lengths - 1]
@@ -115,24 +174,43 @@ def generate(model: nn.Module, prompt_ids, max_new_tokens: int, *, temperature: 
             buffer = torch.zeros(len(rows), longest + steps, dtype=torch.long, device=device)
             buffer[:, :longest] = tokens
             last = model(tokens)["logits"][batch, lengths - 1]
-        for step in range(steps):
-            next_ids = sample_next(last, cfg, generator)
+
+        def take(ids: torch.Tensor, ready: torch.cuda.Event | None) -> bool:
+            """Record one step's ids; True when every row has stopped."""
+            if ready is not None:
+                ready.synchronize()
             shown: list[int | None] = []
-            for i, t in enumerate(next_ids.tolist()):
+            for i, t in enumerate(ids.tolist()):
                 shown.append(None if done[i] else t)
                 if not done[i]:
                     out[i].append(t)
                     done[i] = t in stops
             if on_tokens is not None:
                 on_tokens(shown)
-            if all(done) or step == steps - 1:
-                break
-            if use_cache:  # one new token per row, at that row's own position
-                last = model(next_ids[:, None], cache=cache)["logits"][:, -1]
-            else:          # the whole sequence again; what lies past a row's end cannot reach it
-                buffer[batch, lengths] = next_ids
-                lengths = lengths + 1
-                last = model(buffer[:, :int(lengths.max())])["logits"][batch, lengths - 1]
+            return all(done)
+
+        pending = None  # the previous step's ids, on their way to the host
+        for step in range(steps):
+            next_ids = sample_next(last, cfg, generator)
+            on_host = _to_host_async(next_ids)
+            if step < steps - 1:  # queued before the host waits for any ids (the step needs none)
+                if captured is not None:
+                    last = captured(next_ids[:, None])
+                elif cuda_graph:  # the first decode step runs eagerly, then is recorded
+                    captured = CapturedDecodeStep(model, cache, next_ids[:, None])
+                    last = captured.first
+                elif use_cache:  # one new token per row, at that row's own position
+                    last = model(next_ids[:, None], cache=cache)["logits"][:, -1]
+                else:          # the whole sequence again; what lies past a row's end cannot reach it
+                    buffer[batch, lengths] = next_ids
+                    lengths = lengths + 1
+                    last = model(buffer[:, :int(lengths.max())])["logits"][batch, lengths - 1]
+            if pending is not None and take(*pending):
+                break  # the step just queued is past every row's stop: its token is dropped
+            pending = on_host
+        else:
+            if pending is not None:
+                take(*pending)
         return out
     finally:
         model.train(was_training)

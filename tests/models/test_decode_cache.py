@@ -7,33 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import DECODE_CASES as CASES
+from helpers import DECODE_VOCAB as VOCAB
+from helpers import build_decode_case
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from hydra_titan.components.generation import SamplingConfig, generate, loglikelihood, sample_next
-from hydra_titan.models import get_model_spec
-
-VOCAB = 512
-# family, flavor overrides: every routing path in eval (MoD + nested MoR thresholds, v2's routed
-# attention), CCGQA's convs and value shift, SSM states, v3's chunk summaries, MoE FFNs
-CASES = {
-    "llama": ("llama", {}),
-    "llama_moe": ("llama", {"moe_num_experts": 4, "moe_top_k": 2, "moe_every": 2}),
-    "hydra": ("hydra", {"recursions": 3, "conv_kernel_seq": 3, "dim": 384, "head_dim": 32, "n_heads": 6,
-                        "n_kv_heads": 3}),
-    "hydra_moe": ("hydra", {"moe_num_experts": 4, "mod_every": 2}),
-    "hydra_soft": ("hydra", {"mod_mode": "soft", "mor_mode": "gaussian"}),
-    "hybrid_v1": ("hybrid", {"variant": "v1", "ssm_chunk_size": 16}),
-    "hybrid_v2": ("hybrid", {"variant": "v2", "ssm_chunk_size": 16}),
-    "hybrid_v3": ("hybrid", {"variant": "v3", "ssm_chunk_size": 16, "global_chunk": (8, 16)}),
-    "hybrid_v1_moe": ("hybrid", {"variant": "v1", "ssm_chunk_size": 16, "moe_num_experts": 4}),
-    "waaagh": ("waaagh", {"ssm_chunk_size": 16, "window": 8, "sparse_k": 4, "sparse_query_chunk": 16}),
-}
-
+from hydra_titan.models.common import decoder as decoder_module
 
 def build(case: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    name, overrides = CASES[case]
-    model = get_model_spec(name).build("debug", vocab_size=VOCAB, max_seq_len=256, **overrides)
-    model.init_weights()
-    return model.eval()
+    return build_decode_case(case)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -81,6 +64,22 @@ def test_cached_greedy_generation_equals_recomputing(model):
 
 
 @torch.no_grad()
+def test_a_row_stops_at_its_stop_id_and_the_others_go_on():
+    model = build("llama")
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 9)]
+    free = generate(model, prompts, 10, temperature=0)
+    stop = free[0][3]
+    first = free[0].index(stop)  # the first time row 0 draws it
+    stopped = generate(model, prompts, 10, temperature=0, stop_ids=[stop])
+    assert stopped[0] == free[0][:first + 1]  # kept, and nothing after it
+    row1 = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert stopped[1] == row1
+    seen: list[list[int | None]] = []
+    generate(model, prompts, 10, temperature=0, stop_ids=[stop], on_tokens=seen.append)
+    assert [t[0] for t in seen][:first + 1] == stopped[0] and all(t[0] is None for t in seen[first + 1:])
+
+
+@torch.no_grad()
 def test_loglikelihood_is_the_sum_of_the_eval_forwards_logprobs(model):
     context, continuation = torch.randint(0, VOCAB, (9,)).tolist(), torch.randint(0, VOCAB, (6,)).tolist()
     seq = torch.tensor(context + continuation)
@@ -121,3 +120,60 @@ def test_cache_misuse_is_a_clear_error():
         model(torch.zeros(1, 4, dtype=torch.long), cache=model.init_cache(1, 8))
     with pytest.raises(ValueError, match="max_seq_len 256"):
         generate(model, [[1] * 257], 4)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every op that reads a tensor's value back to the host (item/int/bool) or whose output
+    shape depends on the data: what a CUDA graph cannot capture."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1] in self.SYNCING:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _state_tensors(tree) -> dict[str, torch.Tensor]:
+    """Every tensor of a cache's state tree (dicts, and the attributes of objects such as KVCache)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(node, path):
+        if isinstance(node, torch.Tensor):
+            out[path] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif hasattr(node, "__dict__"):
+            for k, v in vars(node).items():
+                walk(v, f"{path}.{k}")
+
+    walk(tree, "")
+    return out
+
+
+@torch.no_grad()
+def test_a_decode_step_is_static_and_updates_its_state_in_place(model, monkeypatch):
+    """What CapturedDecodeStep relies on: a one-token step reads nothing back to the host and writes
+    every state into the tensor it already had (a graph replays into the same memory)."""
+    # on CPU the id check reads min/max exactly; on CUDA it is an async device assert
+    monkeypatch.setattr(decoder_module, "check_token_ids", lambda *args: None)
+    prompts = torch.randint(0, VOCAB, (2, 12))
+    valid = torch.arange(12)[None] < torch.tensor([[12], [7]])
+    cache = model.init_cache(2, 20)
+    model(prompts, cache=cache, valid=valid)
+    model(torch.randint(0, VOCAB, (2, 1)), cache=cache)   # first step: every namespace exists
+    before = _state_tensors(cache.store)
+    snapshot = {k: t.clone() for k, t in before.items()}
+    with _HostReads() as reads:
+        model(torch.randint(0, VOCAB, (2, 1)), cache=cache)
+    assert reads.ops == []
+    after = _state_tensors(cache.store)
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before), [k for k in before if after[k] is not before[k]]
+    changed = [k for k in before if not torch.equal(before[k], snapshot[k])]
+    assert changed, "the step wrote no state at all"

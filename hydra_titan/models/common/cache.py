@@ -15,7 +15,11 @@ prompts of a batch have different lengths, and a routed block gets a right-padde
 * convolution windows (`extend_with_window`): the last K-1 *valid* inputs of each row;
 * SSM states: a padding token gets no input and no decay (the mixer's own code).
 
-Decoding runs in eval mode (threshold routing), eagerly: shapes follow the data there.
+Decoding runs in eval mode (threshold routing). A one-token step (T = 1) has static shapes and no
+host sync (every routing selection then has exactly one slot) and updates every state tensor in
+place, K/V at a device-side offset over the whole preallocated buffer: so the step can be recorded
+once as a CUDA graph and replayed (`components/generation.py::CapturedDecodeStep`). A prefill
+(T > 1) routes by data-dependent counts and runs eagerly.
 """
 
 from __future__ import annotations
@@ -106,20 +110,24 @@ def extend_with_window(view: CacheView, name: str, x: torch.Tensor, size: int) -
     ext = torch.cat([window.to(x.dtype), x], dim=1)
     counts = view.valid.sum(dim=1)
     idx = counts[:, None] + torch.arange(size, device=x.device)  # rows [count, count + size) of ext
-    view.store[name] = ext.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+    window.copy_(ext.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])))
     return ext
 
 
 class KVCache:
     """Keys and values of one attention, preallocated for max_len entries of every row, with each
-    entry's token position (for windowed attention) and validity."""
+    entry's token position (for windowed attention) and validity.
+
+    The fill level is a device tensor and attention always reads the whole buffer (unwritten
+    entries are invalid): no call depends on a host-side offset, so a captured step replays."""
 
     def __init__(self, batch: int, max_len: int, heads: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, max_len, heads, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
-        self.offset = 0
+        self.key_at = torch.arange(max_len, device=device)
+        self.offset = torch.zeros((), dtype=torch.long, device=device)  # entries written per row
 
     @classmethod
     def of(cls, view: CacheView, heads: int, head_dim: int) -> "KVCache":
@@ -128,26 +136,23 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None,
                window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append k, v [B, T, Hkv, D]; return every key and value so far and the mask [B, T, L] of
-        the keys each new query may read: valid, not after it, within `window` positions if given."""
-        seq_len, start = k.shape[1], self.offset
-        end = start + seq_len
-        if end > self.k.shape[1]:
-            raise ValueError(f"decode cache full: an attention needs {end} entries, init_cache gave {self.k.shape[1]}")
-        self.k[:, start:end], self.v[:, start:end] = k, v
-        self.key_valid[:, start:end] = valid
+        """Append k, v [B, T, Hkv, D]; return the whole key and value buffers and the mask [B, T, L] of
+        the keys each new query may read: valid, not after it, within `window` positions if given.
+
+        A module never gets more entries per call than the model's input has tokens, so
+        `DecodeCache.begin`'s check bounds every buffer."""
+        query_at = self.offset + torch.arange(k.shape[1], device=k.device)  # [T] buffer slots
+        self.k.index_copy_(1, query_at, k.to(self.k.dtype))
+        self.v.index_copy_(1, query_at, v.to(self.v.dtype))
+        self.key_valid.index_copy_(1, query_at, valid)
         if positions is not None:
-            self.key_pos[:, start:end] = positions
-        self.offset = end
-        query_at = start + torch.arange(seq_len, device=k.device)
-        key_at = torch.arange(end, device=k.device)
-        causal = key_at[None, :] <= query_at[:, None]                       # [T, L]
-        mask = causal & self.key_valid[:, None, :end]
+            self.key_pos.index_copy_(1, query_at, positions)
+        self.offset += k.shape[1]
+        mask = (self.key_at[None, :] <= query_at[:, None]) & self.key_valid[:, None, :]  # [B, T, L]
         if window is not None:
-            mask = mask & (self.key_pos[:, None, :end] > positions[:, :, None] - window)
+            mask = mask & (self.key_pos[:, None, :] > positions[:, :, None] - window)
         # a padding query keeps its own key, so its (ignored) row never softmaxes over nothing
-        mask = mask | (key_at[None, :] == query_at[:, None])
-        return self.k[:, :end], self.v[:, :end], mask
+        return self.k, self.v, mask | (self.key_at[None, :] == query_at[:, None])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:

@@ -39,8 +39,11 @@ def threshold_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns (idx [B, K], valid [B, K]) with K = the largest count in the batch
     (at least 1, so blocks never see an empty sequence). Padding entries point
-    at unselected positions and are marked invalid. Eval-only: reads K on the host.
+    at unselected positions and are marked invalid. Eval-only: reads K on the host, except for
+    one token (N = 1, a decode step), where K is 1 whatever the mask says: no host sync there.
     """
+    if mask.shape[-1] == 1:
+        return torch.zeros_like(mask, dtype=torch.long), mask.clone()
     counts = mask.sum(dim=-1)
     k = max(1, int(counts.max()))
     # a stable descending sort of the mask puts the selected positions first, in order

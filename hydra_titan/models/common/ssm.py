@@ -129,7 +129,8 @@ class Mamba2Mixer(nn.Module):
             v, g = v * valid[..., None, None].to(v.dtype), g * valid[..., None]
             state = cache.get("state", lambda: x.new_zeros((x.shape[0], self.n_heads, self.cfg.state_dim,
                                                             self.cfg.head_dim), dtype=torch.float32))
-            y, cache.store["state"] = ssd_with_state(q, k, v, g, state, self.cfg.chunk_size)
+            y, new_state = ssd_with_state(q, k, v, g, state, self.cfg.chunk_size)
+            state.copy_(new_state)  # in place: a captured decode step replays into the same tensor
         y = y + xs * self.D.to(xs.dtype).unsqueeze(-1)
         y = y.flatten(2) * F.silu(z)
         return self.out_proj(self.norm(y))

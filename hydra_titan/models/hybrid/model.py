@@ -61,19 +61,20 @@ class HierarchicalMixer(nn.Module):
     def cached_global_context(self, x: torch.Tensor, positions: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """Decode: the same context, from the cached mixer inputs of every earlier token of each row.
 
-        The summaries of the complete chunks are rebuilt from that history and the global mixers
-        rerun over them (a sequence 1/chunk as long as the text), so rows at different positions
-        need no per-row chunk bookkeeping.
+        The chunk summaries are rebuilt from that history and the global mixers rerun over them (a
+        sequence 1/chunk as long as the cache), so rows at different positions need no per-row
+        chunk bookkeeping.
         """
         bsz, _, dim = x.shape
         max_len = cache.cache.max_len
         history = cache.get("history", lambda: x.new_zeros((bsz, max_len + 1, dim)))  # last row: padding's slot
         slot = torch.where(cache.valid, positions, max_len)
         history.scatter_(1, slot[..., None].expand(-1, -1, dim), x)
-        end = int(positions.masked_fill(~cache.valid, 0).max()) + 1
         out = torch.zeros_like(x)
         for chunk, mixer in zip(self.chunks, self.levels):
-            per_chunk = mixer(chunk_summaries(history[:, :end], chunk))
+            # every slot, written or not: the causal mixers let no later chunk reach an earlier one,
+            # and reading all of them keeps the shape static (no host read of the fill level)
+            per_chunk = mixer(chunk_summaries(history[:, :max_len], chunk))
             shifted = F.pad(per_chunk[:, :-1], (0, 0, 1, 0))
             at = (positions // chunk).clamp(0, shifted.shape[1] - 1)
             out = out + shifted.gather(1, at[..., None].expand(-1, -1, dim))

@@ -151,7 +151,9 @@ class MoRBlock(nn.Module):
 
     def _depth_histogram(self, depth: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Fraction of (valid) tokens that ran 0..R recursions: [R + 1]."""
-        onehot = F.one_hot(depth.round().long(), self.recursions + 1).float()
+        # a comparison, not F.one_hot: that reads the depths' min and max back to the host
+        levels = torch.arange(self.recursions + 1, device=depth.device, dtype=depth.dtype)
+        onehot = (depth.round()[..., None] == levels).float()
         if valid is None:
             return onehot.mean(dim=(0, 1))
         w = valid.float().unsqueeze(-1)
