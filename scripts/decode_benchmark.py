@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Decode speed: cached generation against recomputing the whole sequence each step.
+"""Decode speed: cached generation (eager, and replayed as a CUDA graph) against recomputing the
+whole sequence each step.
 
 For each model and batch: a random prompt of --prompt-len tokens per row, then --new-tokens greedy
-tokens, timed end to end (prefill included), with the decode cache and without it. Random weights:
-the speed of a step does not depend on what was learned (threshold routing of a trained HYDRA
-keeps fewer tokens than an untrained one's ~50 %, so its figure here is conservative).
+tokens, timed end to end (prefill included), in each of --modes:
+  graph      the cached decode step recorded once as a CUDA graph and replayed (CUDA only)
+  cached     the cached decode step dispatched eagerly
+  recompute  the whole sequence recomputed at every step (the baseline of the speed-up)
+Random weights: the speed of a step does not depend on what was learned, but a routed model's
+threshold routing does decide how many tokens a prefill keeps (~50 % untrained).
 
     python scripts/decode_benchmark.py --cases hydra:1B llama:1B --batch 1 16 --dtype bfloat16
 """
@@ -47,22 +51,35 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+MODES = {  # name -> generate() keywords
+    "graph": {"use_cache": True, "cuda_graph": True},
+    "cached": {"use_cache": True},
+    "recompute": {"use_cache": False},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["hydra:1B", "llama:1B"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--recompute-tokens", type=int, default=0,
-                        help="time the recompute path over this many new tokens (0: all); fewer make its "
-                             "tokens/s an overestimate, so the cache's speed-up a lower bound")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
+                        help="default: graph cached recompute on CUDA, cached recompute on CPU")
+    parser.add_argument("--slow-tokens", type=int, default=0,
+                        help="time the eager modes (cached, recompute) over this many new tokens (0: all); fewer "
+                             "make their tokens/s an overestimate, so the speed-ups over them lower bounds")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="decode_benchmark.json")
     opts = parser.parse_args()
     device, dtype = torch.device(opts.device), getattr(torch, opts.dtype)
+    modes = opts.modes or (["graph", "cached", "recompute"] if device.type == "cuda" else ["cached", "recompute"])
+    if "graph" in modes and device.type != "cuda":
+        parser.error("--modes graph needs a CUDA device")
     header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "dtype": opts.dtype, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens}
+              "dtype": opts.dtype, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens,
+              "slow_tokens": opts.slow_tokens or opts.new_tokens}
     print(json.dumps(header), flush=True)
     rows = []
     for case in opts.cases:
@@ -71,35 +88,41 @@ def main() -> None:
         for batch in opts.batch:
             gen = torch.Generator().manual_seed(batch)
             prompts = torch.randint(0, vocab, (batch, opts.prompt_len), generator=gen).tolist()
-            generate(model, prompts, 4, temperature=0)  # warm-up: kernels, allocator
-            n_re = opts.recompute_tokens or opts.new_tokens
-            row = {"case": case, "batch": batch}
-            out: dict[str, list] = {}
-            row["cached_s"] = timed(lambda: out.setdefault("c", generate(model, prompts, opts.new_tokens,
-                                                                         temperature=0)))
-            row["recompute_s"] = timed(lambda: out.setdefault("r", generate(model, prompts, n_re, temperature=0,
-                                                                            use_cache=False)))
-            row["cached_tok_s"] = batch * opts.new_tokens / row["cached_s"]
-            row["recompute_tok_s"] = batch * n_re / row["recompute_s"]
-            row["recompute_new_tokens"] = n_re
-            row["speedup"] = row["cached_tok_s"] / row["recompute_tok_s"]
-            row["same_greedy_tokens"] = all(c[:n_re] == r for c, r in zip(out["c"], out["r"]))
+            row: dict = {"case": case, "batch": batch}
+            tokens: dict[str, list] = {}
+            for mode in modes:
+                n_new = opts.new_tokens if mode == "graph" else (opts.slow_tokens or opts.new_tokens)
+                generate(model, prompts, 4, temperature=0, **MODES[mode])  # warm-up: kernels, allocator
+                row[f"{mode}_s"] = timed(lambda: tokens.setdefault(mode, generate(
+                    model, prompts, n_new, temperature=0, **MODES[mode])))
+                row[f"{mode}_tok_s"] = batch * n_new / row[f"{mode}_s"]
+            if "recompute" in modes:
+                for mode in set(modes) - {"recompute"}:
+                    row[f"{mode}_speedup"] = row[f"{mode}_tok_s"] / row["recompute_tok_s"]
+            # greedy tokens of every mode over the tokens they share (bf16 may break near-ties differently)
+            shared = min(len(t[0]) for t in tokens.values())
+            first = next(iter(tokens.values()))
+            row["same_greedy_tokens"] = all(a[:shared] == b[:shared] for t in tokens.values() for a, b in zip(first, t))
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    fastest = next(m for m in ("graph", "cached") if m in modes)
     by = {(r["case"], r["batch"]): r for r in rows}
     for (case, batch), r in by.items():
         baseline = by.get((f"llama:{case.split(':')[1]}", batch))
         if baseline is not None and r is not baseline:
-            print(f"batch {batch}: {case} / llama cached tokens/s = {r['cached_tok_s'] / baseline['cached_tok_s']:.2f}")
+            ratio = r[f"{fastest}_tok_s"] / baseline[f"{fastest}_tok_s"]
+            print(f"batch {batch}: {case} / llama {fastest} tokens/s = {ratio:.2f}")
     Path(opts.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    print("| model | batch | cached tokens/s | recompute tokens/s | speed-up | same greedy tokens |")
-    print("|---|---|---|---|---|---|")
+    cols = [f"{m} tokens/s" for m in modes] + [f"{m} / recompute" for m in modes if m != "recompute" and "recompute" in modes]
+    print("| model | batch | " + " | ".join(cols) + " | same greedy tokens |")
+    print("|---|---|" + "---|" * len(cols) + "---|")
     for r in rows:
-        print(f"| {r['case']} | {r['batch']} | {r['cached_tok_s']:.0f} | {r['recompute_tok_s']:.0f} | "
-              f"{r['speedup']:.1f}x | {r['same_greedy_tokens']} |")
+        cells = [f"{r[f'{m}_tok_s']:.1f}" for m in modes]
+        cells += [f"{r[f'{m}_speedup']:.1f}x" for m in modes if f"{m}_speedup" in r]
+        print(f"| {r['case']} | {r['batch']} | " + " | ".join(cells) + f" | {r['same_greedy_tokens']} |")
 
 
 if __name__ == "__main__":
