@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid
+#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -43,6 +43,16 @@ hybrid)
     python3 scripts/benchmark.py --cases ${CASES:-hybrid:1B llama:1B hybrid:1B:variant=v2 hybrid:1B:variant=v3} \
         --seq-len "$SEQ" --batch "${BATCH:-4}" --steps "${STEPS:-15}" --warmup "${WARMUP:-6}" --ac selective \
         --json "$OUT/bench_hybrid_$SEQ.json" 2>&1 | grep "^| \|peak\|Error\|error" | tee -a "$OUT/bench_hybrid.txt" ;;
+decode)
+    # the captured decode step against the eager one (every family), then decode speed of both 1B models:
+    # CUDA graph vs eager cache vs recompute (the eager modes over SLOW new tokens, default 64)
+    python3 -m pytest -m gpu tests/gpu/test_decode_graph.py -q -p no:cacheprovider > "$OUT/decode_tests.txt" 2>&1
+    grep -E "passed|failed|Error|^FAILED|^ERROR|assert" "$OUT/decode_tests.txt" | tail -30
+    python3 scripts/decode_benchmark.py --cases ${CASES:-llama:1B hydra:1B} --batch 1 16 --slow-tokens "${SLOW:-64}" \
+        --json "$OUT/decode.json" 2>&1 | grep -v -i warn | tee "$OUT/decode.txt" ;;
+waaagh)
+    # the seed's four demonstrations; the speed table at the 100M width beside llama
+    python3 scripts/waaagh_demo.py --json "$OUT/waaagh_demo.json" 2>&1 | grep -v -i warn | tee "$OUT/waaagh_demo.txt" ;;
 tests)
     python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
 bench-*)

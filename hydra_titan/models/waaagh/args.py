@@ -3,12 +3,16 @@
 Each block: x += SSM(norm(x)); x += W_o · [local | sparse | memory | prediction](norm(x));
 x += MoE(norm(x)). The four specialist heads each own a quarter of the width, split into
 `n_heads` attention heads (so dim must be divisible by 4 · n_heads).
+
+`ablate` names components to remove from every block, for the seed's component comparison
+(scripts/waaagh_demo.py): any of ABLATABLE, as a tuple, a list (TOML) or a comma-separated string
+(`--model.overrides.ablate memory,moe`). What each removal means is in `WaaaghBlock`'s docstring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from ..common.args import check_positive, replace_args
 from ..common.ffn import swiglu_hidden_dim
@@ -16,6 +20,23 @@ from ..common.moe import MoEArgs
 from ..common.ssm import SSMConfig
 
 N_SPECIALISTS = 4  # local, sparse global, memory, prediction
+HEAD_NAMES = ("local", "sparse", "memory", "prediction")  # their order in W_o's input
+ABLATABLE = ("ssm", *HEAD_NAMES, "moe")
+
+
+def parse_ablate(value: str | Iterable[str]) -> tuple[str, ...]:
+    """The components `value` names, checked, without repeats, in ABLATABLE's order."""
+    if isinstance(value, str):
+        names = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = [v.strip() for v in value]
+    else:
+        raise ValueError(f"ablate must be a list of component names (or one comma-separated string) from "
+                         f"{ABLATABLE}, got {value!r}")
+    unknown = [name for name in names if name not in ABLATABLE]
+    if unknown:
+        raise ValueError(f"ablate: unknown component(s) {unknown}; allowed: {ABLATABLE}")
+    return tuple(name for name in ABLATABLE if name in names)
 
 
 @dataclass
@@ -42,6 +63,7 @@ class WaaaghModelArgs(MoEArgs):
     ssm_conv_kernel: int = 4
     ssm_chunk_size: int = 64
     ssm_backend: str = "auto"
+    ablate: tuple[str, ...] = ()  # components removed from every block, from ABLATABLE
 
     def __post_init__(self) -> None:
         check_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "window", "sparse_k",
@@ -57,6 +79,22 @@ class WaaaghModelArgs(MoEArgs):
             raise ValueError(f"moe_num_experts must be >= 1 (every Waaagh block has an MoE), got {self.moe_num_experts}")
         self.validate_moe(self.dim, self.ffn_hidden_dim, self.n_layers)
         self.ssm_config.check(self.dim)
+        self.ablate = parse_ablate(self.ablate)
+
+    def has(self, component: str) -> bool:
+        """Whether blocks build `component` (one of ABLATABLE), i.e. it is not ablated."""
+        if component not in ABLATABLE:
+            raise ValueError(f"unknown component {component!r}; allowed: {ABLATABLE}")
+        return component not in self.ablate
+
+    def ffn_layout(self, layer_id: int) -> tuple[bool, int]:
+        """(routed, hidden size of the dense SwiGLU) of layer `layer_id`'s FFN. Ablating "moe" keeps the
+        FFN but not the routing: a dense SwiGLU as wide as one expert."""
+        if not self.is_moe_layer(layer_id, self.n_layers):
+            return False, self.ffn_hidden_dim
+        if self.has("moe"):
+            return True, self.ffn_hidden_dim
+        return False, self.moe_expert_hidden(self.ffn_hidden_dim)
 
     @property
     def head_width(self) -> int:

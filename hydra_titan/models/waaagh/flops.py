@@ -3,7 +3,8 @@
 Weights cost 6 FLOPs per token. Attention scores cost 12 · width per query-key pair the kernels
 compute: the local head's masked attention and the sparse head's scores both run over all T keys
 (the window and the top-k are masks, not skipped work), the memory head over its slots. No
-causal discount. Nothing is routed, so executed == dense.
+causal discount. Nothing is routed, so executed == dense. Components removed by `args.ablate`
+count nothing (a removed "moe" counts the dense SwiGLU that replaces it).
 """
 
 from __future__ import annotations
@@ -11,26 +12,35 @@ from __future__ import annotations
 from ..common.moe import ffn_active_params
 from ..common.ssm import ssm_flops_per_token, ssm_weight_params
 from ..registry import FlopCount
-from .args import WaaaghModelArgs
+from .args import HEAD_NAMES, WaaaghModelArgs
 
 
 def _heads_weight_params(args: WaaaghModelArgs) -> int:
+    """Weights of the built specialist heads, and W_o when any head is built."""
     d, w = args.dim, args.head_width
-    local_sparse = 2 * d * 3 * w
-    memory = d * w
-    prediction = d * d + d * w + w * d  # fc1, fc2, readout
-    return local_sparse + memory + prediction + d * d  # + W_o
+    per_head = {"local": d * 3 * w, "sparse": d * 3 * w, "memory": d * w,
+                "prediction": d * d + d * w + w * d}  # prediction: fc1, fc2, readout
+    built = [name for name in HEAD_NAMES if args.has(name)]
+    return sum(per_head[name] for name in built) + (d * d if built else 0)  # + W_o
+
+
+def _keys_scored(args: WaaaghModelArgs, seq_len: int) -> int:
+    """Query-key pairs per query of the built attention heads."""
+    return (seq_len * args.has("local") + seq_len * args.has("sparse")
+            + args.memory_slots * args.has("memory"))
 
 
 def _totals(args: WaaaghModelArgs, seq_len: int) -> tuple[float, float]:
     head = args.dim * args.vocab_size
     flops, params = 6.0 * head, float(head)
-    scores = 12 * args.head_width * (2 * seq_len + args.memory_slots)
+    scores = 12 * args.head_width * _keys_scored(args, seq_len)
+    ssm_params = ssm_weight_params(args.dim, args.ssm_config) if args.has("ssm") else 0
+    ssm_flops = ssm_flops_per_token(args.dim, args.ssm_config) if args.has("ssm") else 0.0
     for i in range(args.n_layers):
-        ffn = ffn_active_params(args, args.dim, args.ffn_hidden_dim, args.is_moe_layer(i, args.n_layers))
-        weights = ssm_weight_params(args.dim, args.ssm_config) + _heads_weight_params(args) + ffn
-        flops += ssm_flops_per_token(args.dim, args.ssm_config) + 6 * (weights - ssm_weight_params(args.dim, args.ssm_config)) + scores
-        params += weights
+        routed, hidden = args.ffn_layout(i)
+        linears = _heads_weight_params(args) + ffn_active_params(args, args.dim, hidden, routed)
+        flops += ssm_flops + 6 * linears + scores
+        params += ssm_params + linears
     return flops, params
 
 
