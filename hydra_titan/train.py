@@ -28,7 +28,10 @@ from .components.metrics import (MetricsLogger, Throughput, moe_load_scalars, pe
                                  routing_scalars)
 from .components.optimizer import build_optimizer
 from .components.tokenizer import Tokenizer, build_tokenizer
+from .components.tracking import RunInfo, RunTracker, TrackingError, git_commit
 from .config import ConfigError, JobConfig, parse_or_exit, save_config
+from .config.manager import config_to_dict
+from .config.toml_writer import to_toml
 from .distributed import (DistInfo, ParallelDims, all_reduce, clip_grad_norm_, init_distributed, parallelize_decoder,
                           resolve_device_type, shutdown_and_exit)
 from .distributed.compile import eager_eval
@@ -108,7 +111,7 @@ class Trainer:
         self.model_args = resolve_model_args(self.spec, cfg, self.tokenizer)
         with torch.device("meta"):
             model = self.spec.model_cls(self.model_args)
-        params = self.spec.param_report(self.model_args, cfg.training.seq_len, model=model)
+        self.params = params = self.spec.param_report(self.model_args, cfg.training.seq_len, model=model)
         self.flops = self.spec.flops_per_token(self.model_args, cfg.training.seq_len)
         logger.info("model %s/%s: %.1fM params (%.1fM non-embedding, %.1fM active/token), "
                     "%.3f GFLOP/token executed (%.3f dense-equivalent)", cfg.model.name, cfg.model.flavor,
@@ -152,6 +155,7 @@ class Trainer:
                                      rank=self.dist.rank)
         self._restored = False
         self._stop_signal: int | None = None
+        self.tracker: RunTracker | None = None  # rank 0's run database, opened by restore()
 
     def _split_loader(self, windows: PackedWindows, split: str) -> TokenDataLoader:
         return split_loader(windows, split=split, val_fraction=self.cfg.data.val_fraction,
@@ -235,12 +239,47 @@ class Trainer:
         """Load the newest complete checkpoint (a mismatching one raises CheckpointError), then save the
         resolved config: a run that cannot start leaves the dump folder as it found it."""
         self.checkpointer.load()
+        self._open_tracker()
         self._restored = True
         if self.is_rank0:
             save_config(self.cfg, self.dump_folder / "config.toml")
             logger.info("resolved config saved to %s", self.dump_folder / "config.toml")
 
+    def _open_tracker(self) -> None:
+        """Rank 0 opens the run database and its run row (the same row again on a resume). Every rank
+        learns whether that worked, so a locked or newer-schema database stops all of them at start-up."""
+        m, error = self.cfg.metrics, None
+        if self.is_rank0 and m.enable_db:
+            t = self.cfg.training
+            info = RunInfo(model=self.cfg.model.name, flavor=self.cfg.model.flavor, params=self.params.total,
+                           active_params=self.params.active, flops_per_token=self.flops.executed,
+                           world_size=self.dist.world_size, config_toml=to_toml(config_to_dict(self.cfg)),
+                           tokens_per_step=(t.local_batch_size * t.seq_len * t.gradient_accumulation_steps
+                                            * self.parallel_dims.dp_world_size), git_commit=git_commit())
+            try:
+                self.tracker = RunTracker(self.dump_folder / m.db_file, spike_factor=m.spike_factor,
+                                          spike_warmup=m.spike_warmup)
+                run_id = self.tracker.start(info, resume_step=self.state.step)
+                logger.info("run database %s: run %d", self.tracker.path, run_id)
+            except TrackingError as e:
+                error = e
+        failed = bool(all_reduce(torch.tensor([int(error is not None)]), "max", group=self.dist.cpu_group).item())
+        if failed:
+            raise error or TrackingError("rank 0 could not open the run database (see its log)")
+
     def train(self) -> int:
+        try:
+            code = self._train()
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.finish("failed")
+            raise
+        if self.tracker is not None:
+            self.tracker.finish("completed" if self.state.step >= self.cfg.training.steps else "stopped")
+            self.tracker.close()
+        return code
+
+    def _train(self) -> int:
         cfg, t = self.cfg, self.cfg.training
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -273,6 +312,8 @@ class Trainer:
                 val_loss, val_bpb = self.validate()
                 logger.info("step %d  validation loss %.4f  bits/byte %.4f", step, val_loss, val_bpb)
                 self.metrics.log(step, {"validation/loss": val_loss, "validation/bpb": val_bpb})
+                if self.tracker is not None:
+                    self.tracker.log_eval(step, val_loss, val_bpb, self.state.tokens_seen)
             self.checkpointer.maybe_save(step, last_step=step == t.steps)
         if self.state.step < t.steps:  # stopped by a signal: save where we are, then leave cleanly
             self.checkpointer.save(self.state.step, reason="signal")
@@ -302,6 +343,10 @@ class Trainer:
         if routing_step:
             scalars.update(routing_scalars(result["stats"]))
         self.metrics.log(step, scalars)
+        spike = self.tracker.log_step(step, scalars, self.state.tokens_seen) if self.tracker is not None else None
+        if spike is not None:
+            logger.warning("loss spike at step %d: %.4f is %.2fx its short EMA %.4f (recorded in %s)", step,
+                           spike.loss, spike.ratio, spike.ema_short, self.tracker.path.name)
         mfu = f"  mfu {speed['mfu']:.1f}%" if "mfu" in speed else ""
         experts = (f"  expert load max/min {moe['moe/load_max_over_min']:.2f} (worst layer)" if moe else "")
         logger.info("step %5d  loss %.4f (ce %.4f aux %.4g ponder %.4g)  grad_norm %.3f  lr %.3e  "
@@ -326,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = Trainer(cfg)
         trainer.restore()  # a checkpoint of another model (say dense into MoE) is a start-up error
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, CheckpointError, TrackingError) as e:
         logger.error("start-up failed: %s", e)
         shutdown_and_exit(2)
         return

@@ -240,6 +240,11 @@ class Metrics:
     save_tb_folder: str = opt("tb", "TensorBoard folder, relative to job.dump_folder")
     routing_stats_freq: int = opt(50, "log routing statistics every this many steps", bounds=POSITIVE)
     rank_0_only: bool = opt(True, "only rank 0 logs and writes TensorBoard")
+    enable_db: bool = opt(True, "record the run in the dump folder's SQLite run database (components/tracking.py)")
+    db_file: str = opt("training.db", "the run database, relative to job.dump_folder")
+    spike_factor: float = opt(1.5, "a logged loss above this many times its short EMA (0.99) is a spike",
+                              bounds=Range(gt=1))
+    spike_warmup: int = opt(10, "log steps that set the EMAs before spikes are detected", bounds=NON_NEGATIVE)
 
 
 @dataclass

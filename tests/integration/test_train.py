@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -134,3 +135,10 @@ def test_torchrun_two_cpu_ranks_runs_to_the_end(tmp_path):
     rank1 = [json.loads(line) for line in (tmp_path / "metrics_rank1.jsonl").read_text().splitlines()]
     assert len(rank1) == len(read_metrics(tmp_path))
     assert [r.get("loss/ce") for r in rank1] == [r.get("loss/ce") for r in read_metrics(tmp_path)]
+    # rank 0 alone writes the run database: one run row of 2 ranks and each logged step once
+    conn = sqlite3.connect(tmp_path / "training.db")
+    assert conn.execute("SELECT count(*), world_size, status, last_step FROM runs").fetchone() == (1, 2, "completed", 6)
+    steps = conn.execute("SELECT step, loss FROM steps ORDER BY step").fetchall()
+    assert steps == [(r["step"], r["loss/total"]) for r in read_metrics(tmp_path) if "loss/total" in r]
+    assert [s for s, _ in steps] == list(range(1, 7))
+    assert conn.execute("SELECT step FROM evals").fetchall() == [(5,), (6,)]
