@@ -269,17 +269,26 @@ def encode_files(files: Iterable[Path], tokenizer: Tokenizer) -> Iterator[list[i
 
 
 def open_token_shard(bin_path: Path, tokenizer: Tokenizer | None = None) -> TokenShard:
-    """Memmap one shard after checking its sidecar (and vocab, if a tokenizer is given)."""
+    """Memmap one shard after checking it: its sidecar header, its size against the header, and, if a
+    tokenizer is given, that the shard was written by it and holds no id outside its vocabulary.
+
+    Every check runs at start-up, before any device work: an id past the embedding table would be
+    a device-side assert in the middle of training (DESIGN §12)."""
     bin_path = Path(bin_path)
     meta_path = sidecar_path(bin_path)
     if not meta_path.is_file():
         raise FileNotFoundError(f"token shard {bin_path} has no header {meta_path} (write shards with scripts/prepare_data.py)")
-    header = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        header = json.loads(meta_path.read_text(encoding="utf-8"))
+        actual = bin_path.stat().st_size
+        with open(bin_path, "rb"):
+            pass
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"token shard {bin_path} cannot be read: {e}") from None
     if header.get("format") != SHARD_FORMAT:
         raise ValueError(f"{meta_path} is not a {SHARD_FORMAT} header")
     dtype = np.dtype(header["dtype"])
     expected = int(header["num_tokens"]) * dtype.itemsize
-    actual = bin_path.stat().st_size
     if actual != expected:
         raise ValueError(f"token shard {bin_path} is {actual} bytes; its header says {expected} (truncated write?)")
     if tokenizer is not None:
@@ -288,11 +297,33 @@ def open_token_shard(bin_path: Path, tokenizer: Tokenizer | None = None) -> Toke
         tokens = np.zeros(0, dtype=dtype)
     else:
         tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(int(header["num_tokens"]),))
+    if tokenizer is not None:
+        check_token_range(tokens, tokenizer, bin_path)
     return TokenShard(bin_path, header, tokens)
 
 
+def first_at_or_above(tokens: np.ndarray, limit: int, chunk: int = 1 << 24) -> int | None:
+    """The offset of the first id >= limit, or None; reads the memmap in chunks (bounded memory)."""
+    for start in range(0, tokens.size, chunk):
+        part = tokens[start:start + chunk]
+        if part.size and int(part.max()) >= limit:
+            return start + int(np.argmax(part >= limit))
+    return None
+
+
+def check_token_range(tokens: np.ndarray, tokenizer: Tokenizer, where: Path) -> None:
+    """Fail, naming the file and the first bad offset, on an id the tokenizer (and so the model's
+    embedding, which is at least as large) does not have."""
+    bad = first_at_or_above(tokens, tokenizer.n_words)
+    if bad is not None:
+        raise ValueError(f"token shard {where}: id {int(tokens[bad])} at token offset {bad} is outside the "
+                         f"vocabulary of tokenizer {tokenizer.name!r} (n_words {tokenizer.n_words}); the shard "
+                         "is corrupt or was not written by scripts/prepare_data.py with this tokenizer")
+
+
 def check_shard_tokenizer(header: dict, tokenizer: Tokenizer, where: Path) -> None:
-    """Fail on a vocab mismatch (ids would index the wrong embedding rows)."""
+    """Fail on a shard of another tokenizer: another vocabulary size, or the same size and other ranks
+    (its ids would index the wrong embedding rows)."""
     if int(header["vocab_size"]) != tokenizer.n_words:
         raise ValueError(
             f"token shard {where} was written with tokenizer {header.get('tokenizer')!r} "
@@ -300,11 +331,11 @@ def check_shard_tokenizer(header: dict, tokenizer: Tokenizer, where: Path) -> No
             f"(n_words {tokenizer.n_words}); re-run scripts/prepare_data.py with --tokenizer {tokenizer.name}"
         )
     if header.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
-        logger.warning(
-            "token shard %s was written with tokenizer %r, the run uses %r: same vocab size, different ranks",
-            where,
-            header.get("tokenizer"),
-            tokenizer.name,
+        raise ValueError(
+            f"token shard {where} was written with tokenizer {header.get('tokenizer')!r} (fingerprint "
+            f"{str(header.get('tokenizer_fingerprint'))[:12]}) but the run uses {tokenizer.name!r} (fingerprint "
+            f"{tokenizer.fingerprint[:12]}): the same vocabulary size, different ids for the same text; "
+            f"re-run scripts/prepare_data.py with --tokenizer {tokenizer.name}"
         )
 
 

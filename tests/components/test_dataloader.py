@@ -286,6 +286,37 @@ def test_truncated_shard_is_detected(corpus, tmp_path, prepare_data):
         _text_loader(out, tmp_path, source="shards")
 
 
+def test_an_id_outside_the_vocabulary_names_the_file_and_offset(corpus, tmp_path, prepare_data):
+    out = tmp_path / "c.bin"
+    prepare_data(["--input", str(corpus[0]), "--output", str(out)])
+    tokens = np.fromfile(out, dtype=np.uint16)
+    tokens[1234] = 4096  # the first id the 4k vocabulary does not have
+    tokens[2000] = 60000
+    tokens.tofile(out)
+    with pytest.raises(ValueError, match=r"c.bin: id 4096 at token offset 1234 is outside the vocabulary"):
+        _text_loader(out, tmp_path, source="shards")
+    from hydra_titan.components.datasets import first_at_or_above
+    assert first_at_or_above(tokens, 4096, chunk=1000) == 1234 and first_at_or_above(tokens, 60001) is None
+
+
+def test_a_shard_of_another_tokenizer_with_the_same_vocab_size_fails(corpus, tmp_path, prepare_data):
+    out = tmp_path / "c.bin"
+    prepare_data(["--input", str(corpus[0]), "--output", str(out)])
+    header = json.loads(out.with_suffix(".json").read_text())
+    header["tokenizer"], header["tokenizer_fingerprint"] = "other_bpe_4k", "0" * 64
+    out.with_suffix(".json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match=r"c.bin was written with tokenizer 'other_bpe_4k'.*different ids"):
+        _text_loader(out, tmp_path, source="shards")
+
+
+def test_an_unreadable_shard_is_a_clear_error(corpus, tmp_path, prepare_data):
+    out = tmp_path / "c.bin"
+    prepare_data(["--input", str(corpus[0]), "--output", str(out)])
+    out.with_suffix(".json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ValueError, match=r"token shard .*c.bin cannot be read"):
+        _text_loader(out, tmp_path, source="shards")
+
+
 def test_folder_of_shards_is_concatenated(tmp_path, prepare_data):
     folder = tmp_path / "many"
     for i in range(2):

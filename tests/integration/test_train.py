@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +58,36 @@ def test_bad_model_or_data_settings_fail_at_start_up(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert needle in proc.stdout + proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("fault,needle", [
+    ("id", "id 5000 at token offset 100 is outside the vocabulary"),
+    ("tokenizer", "was written with tokenizer 'another'"),
+    ("truncated", "(truncated write?)"),
+])
+def test_a_bad_shard_stops_the_run_before_a_step_naming_the_file(tmp_path, fault, needle):
+    shard = tmp_path / "data" / "kjv.bin"
+    text = tmp_path / "kjv.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\n\n" * 400)
+    made = subprocess.run([sys.executable, "scripts/prepare_data.py", "--input", str(text), "--output", str(shard)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    if fault == "id":
+        tokens = np.fromfile(shard, dtype=np.uint16)
+        tokens[100] = 5000
+        tokens.tofile(shard)
+    elif fault == "tokenizer":
+        header = json.loads(shard.with_suffix(".json").read_text())
+        header["tokenizer"], header["tokenizer_fingerprint"] = "another", "f" * 64
+        shard.with_suffix(".json").write_text(json.dumps(header))
+    else:
+        shard.write_bytes(shard.read_bytes()[:-1])
+    dump = tmp_path / "run"
+    proc = run_train(["--data.source", "shards", "--data.path", str(shard), "--training.steps", "2"], dump)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert needle in out and str(shard) in out
+    assert "step     1" not in out and not (dump / "metrics.jsonl").exists()
 
 
 def test_validation_split_smaller_than_a_batch_turns_validation_off(tmp_path):
