@@ -130,8 +130,17 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def load(self) -> bool:
-        """Restore the newest complete checkpoint (or ``load_step`` / ``initial_load_path``); True if loaded."""
+        """Restore the newest complete checkpoint (or ``load_step`` / ``initial_load_path``); True if loaded.
+
+        With checkpointing off nothing loads, so asking for a step or a path then is an error, not a
+        silent fresh start."""
         if not self.enabled:
+            asked = [f"checkpoint.{key} = {value!r}" for key, value in
+                     (("load_step", self.cfg.load_step), ("initial_load_path", self.cfg.initial_load_path))
+                     if value not in (-1, "")]
+            if asked:
+                raise CheckpointError(f"{' and '.join(asked)} needs checkpoint.enable = true: with checkpointing off "
+                                      "nothing is loaded (--checkpoint.enable true loads it and saves on)")
             return False
         plan = self._broadcast(self._plan_load() if self.rank == 0 else None)
         if isinstance(plan, Exception):

@@ -211,6 +211,12 @@ def test_load_step_and_missing_paths(tmp_path):
         Run(tmp_path / "empty", initial_load_path=str(tmp_path / "nowhere")).ckpt.load()
     # an empty folder without initial_load_path starts from scratch
     assert Run(tmp_path / "empty").ckpt.load() is False
+    # with checkpointing off, asking for a step or a path is an error, not a silent fresh start
+    with pytest.raises(CheckpointError, match=r"checkpoint.load_step = 4 needs checkpoint.enable = true"):
+        Run(folder, enable=False, load_step=4).ckpt.load()
+    with pytest.raises(CheckpointError, match=r"initial_load_path = .* needs checkpoint.enable = true"):
+        Run(tmp_path / "off", enable=False, initial_load_path=str(folder / "step-4")).ckpt.load()
+    assert Run(tmp_path / "off", enable=False).ckpt.load() is False
 
 
 def test_initial_load_path(tmp_path):

@@ -161,6 +161,7 @@ def test_torchrun_two_cpu_ranks_runs_to_the_end(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout
+    assert "[rank0] " in proc.stdout and "[rank0]:" not in proc.stdout  # one rank prefix per line
     assert [r["step"] for r in read_metrics(tmp_path) if "loss/ce" in r][-1] == 6
     # every rank logs when asked to, each to its own file; the global loss is the same on both
     rank1 = [json.loads(line) for line in (tmp_path / "metrics_rank1.jsonl").read_text().splitlines()]
