@@ -123,12 +123,13 @@ class SearchSpace:
 
 def applicable(cfg: JobConfig, model_args) -> dict[str, str]:
     """Searchable names -> '' when the model has them, else why not."""
-    hydra = cfg.model.name == "hydra"
+    # asked of the model's arguments, not of its family's name: any model with these knobs qualifies
+    has_mod = getattr(model_args, "mod_every", 0) > 0
+    has_mor = getattr(model_args, "mor_mode", None) == "topk" and getattr(model_args, "recursions", 1) > 1
     return {
         "lr": "", "warmup_steps": "", "weight_decay": "",
-        "mod_capacity": "" if hydra and model_args.mod_every > 0 else "the model has no MoD blocks",
-        "mor_keep": "" if hydra and model_args.mor_mode == "topk" and model_args.recursions > 1
-        else "the model has no top-k MoR with >= 2 recursions",
+        "mod_capacity": "" if has_mod else "the model has no MoD blocks",
+        "mor_keep": "" if has_mor else "the model has no top-k MoR with >= 2 recursions",
     }
 
 

@@ -70,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hydra_titan.components.scaling import FitError, PowerLawFit, fit_power_law  # noqa: E402
+from hydra_titan.components.tracking import TrackingError, open_database  # noqa: E402
 from hydra_titan.config import ConfigError, config_to_dict, load_config  # noqa: E402
 from hydra_titan.config.job_config import JobConfig  # noqa: E402
 
@@ -268,7 +269,7 @@ def read_db_runs(db: Path) -> list[RunPoint]:
     A dump folder's database holds every run started there; of runs with the same config only the
     newest counts (a rerun replaces a point, it does not add one)."""
     try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        con = open_database(db, readonly=True)  # refuses a newer schema
         try:
             rows = con.execute(
                 "SELECT r.run_id, r.config_toml, e.step, e.tokens_seen, e.val_loss, e.val_bpb, r.world_size "
@@ -276,7 +277,7 @@ def read_db_runs(db: Path) -> list[RunPoint]:
                 "(SELECT max(step) FROM evals WHERE run_id = r.run_id) ORDER BY r.run_id DESC").fetchall()
         finally:
             con.close()
-    except sqlite3.Error as err:
+    except (sqlite3.Error, TrackingError) as err:
         raise InputError(f"{db.name} is not a readable run database: {err}") from None
     if not rows:
         raise InputError(f"{db.name} holds no evaluations")
