@@ -92,8 +92,11 @@ def _log_groups(optimizer_name: str, groups: Sequence[Mapping[str, Any]], detail
     logger.info("optimizer %s (%s): %s", optimizer_name, detail, summary)
 
 
-def _all_on_cuda(groups: Iterable[Mapping[str, Any]]) -> bool:
-    return all(p.device.type == "cuda" for g in groups for p in g["params"])
+FUSED_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel
+
+
+def _all_on_fused_devices(groups: Iterable[Mapping[str, Any]]) -> bool:
+    return all(p.device.type in FUSED_DEVICES for g in groups for p in g["params"])
 
 
 def _normalise_fused(fused: str | bool) -> str:
@@ -108,13 +111,14 @@ def _normalise_fused(fused: str | bool) -> str:
 
 def _build_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float,
                  fused: str) -> tuple[torch.optim.Optimizer, str]:
-    """torch AdamW: fused kernel on CUDA ("auto"), foreach elsewhere.
+    """torch AdamW: the fused kernel on CUDA and CPU ("auto"), foreach elsewhere.
 
-    ``fused="true"`` is also honoured on CPU (recent torch has a fused CPU
-    AdamW); if torch refuses it at construction, fall back to foreach with a
-    warning rather than failing the run.
+    Fused is the default because its ``found_inf`` input lets the non-finite
+    guard (components/step_guard.py) skip a bad step on the device. If torch
+    refuses it at construction, fall back to foreach with a warning rather than
+    failing the run.
     """
-    use_fused = fused == "true" or (fused == "auto" and _all_on_cuda(groups))
+    use_fused = fused == "true" or (fused == "auto" and _all_on_fused_devices(groups))
     if use_fused:
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True), "fused"
@@ -186,8 +190,8 @@ def build_optimizer(
             the scheduler multiplies it).
         weight_decay: decoupled weight decay of the *decay* group; the
             *no-decay* group always gets 0.
-        fused: "auto" (fused kernel when every parameter is on CUDA, foreach
-            otherwise), "true" or "false".
+        fused: "auto" (fused kernel when every parameter is on CUDA or CPU,
+            foreach otherwise), "true" or "false".
         no_decay_patterns: name substrings exempt from decay (see
             ``NO_DECAY_NAME_PATTERNS``).
     """

@@ -21,6 +21,7 @@ before anything is written.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 import subprocess
@@ -290,6 +291,8 @@ class RunTracker:
     def log_step(self, step: int, scalars: dict[str, Any], tokens_seen: int) -> Spike | None:
         """Record one log step (the trainer's scalars, host values); returns the spike it is, if any."""
         loss = scalars.get("loss/total")
+        if loss is not None and not math.isfinite(loss):
+            loss = None  # a step the non-finite guard skipped: it moves neither the EMAs nor the best loss
         spike = None
         if loss is not None:
             short = self.emas.values.get("ema_short")

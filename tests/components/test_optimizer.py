@@ -149,8 +149,10 @@ def test_group_sizes_are_logged(caplog):
     assert f"no_decay: {len(EXPECTED_NO_DECAY)} tensors" in caplog.text
 
 
-def test_fused_auto_on_cpu_uses_foreach():
-    optimizer = build_optimizer(_TinyModel(), **HPARAMS, fused="auto")
+def test_fused_auto_on_cpu_is_fused_and_false_is_foreach():
+    # fused on CPU too: its found_inf input is how the non-finite guard skips a step on the device
+    assert build_optimizer(_TinyModel(), **HPARAMS, fused="auto").defaults["fused"] is True
+    optimizer = build_optimizer(_TinyModel(), **HPARAMS, fused="false")
     assert not optimizer.defaults.get("fused")
     assert optimizer.defaults["foreach"] is True
 
