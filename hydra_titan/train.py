@@ -22,11 +22,13 @@ import torch
 
 from .components.checkpoint import CheckpointError, CheckpointManager
 from .components.dataloader import PackedWindows, TokenDataLoader, load_windows, split_loader
+from .components.faults import FaultInjector
 from .components.loss import build_loss_fn, bytes_of_targets, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler, fit_warmup
 from .components.metrics import (MetricsLogger, Throughput, moe_load_scalars, peak_flops, peak_memory_gib,
                                  routing_scalars)
 from .components.optimizer import build_optimizer
+from .components.step_guard import NonFiniteError, NonFiniteGuard
 from .components.tokenizer import Tokenizer, build_tokenizer
 from .components.tracking import RunInfo, RunTracker, TrackingError, git_commit
 from .config import ConfigError, JobConfig, parse_or_exit, save_config
@@ -93,6 +95,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.job.seed)  # same on every rank: identical initial weights
 
+        try:
+            self.faults = FaultInjector(cfg.debug.faults, rank=self.dist.rank, folder=self.dump_folder)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.tokenizer = build_tokenizer(cfg.tokenizer.name)
         self._token_bytes: torch.Tensor | None = None  # UTF-8 bytes per id, for validation bits-per-byte
         # data before the model: a bad path or source fails in seconds, not after materialising weights
@@ -130,6 +136,7 @@ class Trainer:
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, beta1=o.beta1, beta2=o.beta2,
                                          eps=o.eps, weight_decay=o.weight_decay, fused=o.fused)
+        self.guard = NonFiniteGuard(self.optimizer, self.device, cfg.training.max_skipped_steps)
         s = cfg.lr_scheduler
         warmup = fit_warmup(s.warmup_steps, decay_type=s.decay_type, decay_ratio=s.decay_ratio,
                             total_steps=cfg.training.steps)
@@ -149,12 +156,13 @@ class Trainer:
             cfg.checkpoint, folder=self.dump_folder / cfg.checkpoint.folder, model=self.model,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, dataloader=self.train_loader,
             train_state=self.state, model_args=self.model_args, model_name=cfg.model.name,
-            tokenizer=cfg.tokenizer.name, cpu_group=self.dist.cpu_group)
+            tokenizer=cfg.tokenizer.name, cpu_group=self.dist.cpu_group, faults=self.faults)
         self.metrics = MetricsLogger(self.dump_folder, enabled=self.is_rank0 or not cfg.metrics.rank_0_only,
                                      tensorboard=cfg.metrics.enable_tensorboard, tb_folder=cfg.metrics.save_tb_folder,
                                      rank=self.dist.rank)
         self._restored = False
         self._stop_signal: int | None = None
+        self._skipped_steps = 0  # steps the non-finite guard skipped in this process
         self.tracker: RunTracker | None = None  # rank 0's run database, opened by restore()
 
     def _split_loader(self, windows: PackedWindows, split: str) -> TokenDataLoader:
@@ -164,7 +172,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Forward/backward over the micro-batches, clip, step. Returns device tensors (no host sync)."""
+        """Forward/backward over the micro-batches, clip, step (skipped by the guard if the loss or the
+        gradient norm is not finite). Returns device tensors (no host sync)."""
+        step = self.state.step
+        poison = self.faults.poison_loss(step) if self.faults else False
         labels_all = [labels.to(self.device, non_blocking=True) for _, labels in micro_batches]
         global_tokens = all_reduce(sum(count_target_tokens(lab) for lab in labels_all))
         # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it
@@ -175,6 +186,8 @@ class Trainer:
         for (inputs, _), labels in zip(micro_batches, labels_all):
             outputs = self.model(inputs.to(self.device, non_blocking=True))
             loss, parts = self.loss_fn(outputs, labels, global_tokens)
+            if poison:
+                loss = loss * float("nan")
             # keep the routing statistics, not the [B, S, V] logits: held by the returned result,
             # they would stay allocated through the next micro-batch or step
             stats = {k: v.detach() for k, v in outputs.items() if k != "logits"}
@@ -184,8 +197,10 @@ class Trainer:
             (loss * dp_scale).backward()
             for key, value in {"total": loss.detach(), **parts}.items():
                 parts_sum[key] = parts_sum.get(key, 0) + value
+        if self.faults:
+            self.faults.kill("kill_mid_step", step)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
-        self.optimizer.step()
+        self.guard.step(parts_sum["total"], grad_norm, step)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if moe_load is not None:
@@ -270,7 +285,9 @@ class Trainer:
     def train(self) -> int:
         try:
             code = self._train()
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, NonFiniteError):  # every rank stops here together: finish a background save
+                self.checkpointer.close()     # in flight (the skipped steps left its weights good)
             if self.tracker is not None:
                 self.tracker.finish("failed")
             raise
@@ -290,6 +307,10 @@ class Trainer:
         tokens_per_step = t.local_batch_size * t.seq_len * t.gradient_accumulation_steps
         moe_window = None  # expert loads [MoE layers, E] summed since the last log step (device tensor)
         gc.disable()
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts:
+            logger.warning("torchrun restart %d (of --max-restarts %s): resuming at step %d", restarts,
+                           os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"), self.state.step)
         logger.info("training %s/%s from step %d to %d on %d rank(s), %s", cfg.model.name, cfg.model.flavor,
                     self.state.step, t.steps, self.dist.world_size, self.device)
         while self.state.step < t.steps and not self._stop_requested():
@@ -329,12 +350,14 @@ class Trainer:
         summed = all_reduce(torch.stack([result["parts"][k].float() for k in names]))
         parts = dict(zip(names, summed.tolist()))
         loss = parts["total"]
+        skips = self.guard.report()
+        self._skipped_steps += skips.skipped
         speed = throughput.read()
         scalars = {**{f"loss/{k}": v for k, v in parts.items()},
                    "grad_norm": result["grad_norm"].item(), "lr": self.lr_scheduler.get_last_lr()[0],
                    "throughput/tokens_per_sec_per_device": speed["tokens_per_sec"],
                    "throughput/tflops_per_device": speed["tflops"],
-                   "memory/peak_gib": peak_memory_gib(self.device)}
+                   "memory/peak_gib": peak_memory_gib(self.device), "train/skipped_steps": self._skipped_steps}
         if "mfu" in speed:
             scalars["throughput/mfu_pct"] = speed["mfu"]
         routing_step = step % self.cfg.metrics.routing_stats_freq == 0 or step == 1
@@ -353,6 +376,11 @@ class Trainer:
                     "tok/s/dev %.0f%s  mem %.2f GiB%s", step, loss, parts["ce"], parts.get("aux", 0.0),
                     parts.get("ponder", 0.0), scalars["grad_norm"], scalars["lr"], speed["tokens_per_sec"], mfu,
                     scalars["memory/peak_gib"], experts)
+        if skips.skipped:
+            logger.warning("skipped %d step(s) with a non-finite loss or gradient norm since the last log step "
+                           "(the last at step %d; %d in this run): no update, the lr schedule and data moved on",
+                           skips.skipped, skips.last_step, self._skipped_steps)
+        self.guard.check(skips)
 
 
 def init_logging(rank: int) -> None:
@@ -378,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         code = trainer.train()
+    except (NonFiniteError, CheckpointError) as e:  # the message says it all; no traceback
+        logger.error("training stopped: %s", e)
+        code = 1
     except Exception:
         logger.exception("training failed")
         code = 1

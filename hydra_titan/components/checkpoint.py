@@ -18,8 +18,15 @@ Publication is atomic: every rank writes into ``step-N.tmp/``; once the write
 is done (DCP has written ``.metadata``) rank 0, after a barrier, writes
 ``COMPLETE`` and renames the folder to ``step-N/``. A crash at any point
 leaves either the previous checkpoints untouched or a ``.tmp`` folder that is
-never loaded. On load, a ``step-N`` without its marker, or with a missing or
-truncated data file, is skipped with a warning and the previous one is used.
+never loaded (the next start removes it). On load, a ``step-N`` without its
+marker, or with a missing or truncated data file, is skipped with a warning and
+the previous one is used.
+
+A save that fails (a full disk, any write error on any rank: DCP gathers them,
+so every rank sees the failure) removes its ``.tmp`` folder, logs what failed
+and which checkpoint is kept, then stops the run or trains on
+(``checkpoint.on_save_error``); ``keep_latest_k`` prunes only after a new
+checkpoint is published, so the last good one is never deleted.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ from .checkpoint_files import (  # noqa: F401  (re-exported for the scripts)
     strip_wrapper_prefixes,
     write_meta,
 )
+from .faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +94,10 @@ class CheckpointManager:
 
     def __init__(self, cfg, *, folder: str | os.PathLike, model: torch.nn.Module, optimizer=None, lr_scheduler=None,
                  dataloader=None, train_state=None, model_args: Any = None, model_name: str = "",
-                 tokenizer: str = "", cpu_group: Any = None) -> None:
+                 tokenizer: str = "", cpu_group: Any = None, faults: FaultInjector | None = None) -> None:
         """``cpu_group``: a gloo group the caller already has for main-thread coordination (the trainer's
-        ``DistInfo.cpu_group``); without one, a non-gloo default group gets a gloo group of its own."""
+        ``DistInfo.cpu_group``); without one, a non-gloo default group gets a gloo group of its own.
+        ``faults``: the test harness's injected failures (components/faults.py), None in real runs."""
         self.cfg = cfg
         self.enabled = bool(cfg.enable)
         self.folder = Path(folder)
@@ -110,6 +119,7 @@ class CheckpointManager:
         self._async_pg = None  # DCP's collectives in a background save: never shared with training's
         self._pending: dict[str, Any] | None = None
         self._last_saved_step = -1
+        self.faults = faults
         if self.enabled and self.distributed and "gloo" not in str(dist.get_backend()).lower():
             self._pg = cpu_group if cpu_group is not None else dist.new_group(backend="gloo")
         if self.enabled and initialized and cfg.async_mode == "async":
@@ -183,8 +193,11 @@ class CheckpointManager:
 
     def _plan_load(self) -> tuple[list[Path], list[str]] | Exception:
         """Rank 0: the checkpoints to try, newest first, and warnings about the ones left out."""
-        notes = [f"ignoring {p.name} in {self.folder}: an interrupted save (never published)"
-                 for p in sorted(self.folder.glob("step-*.tmp")) if TMP_DIR_RE.match(p.name)]
+        notes = []
+        for stale in sorted(self.folder.glob("step-*.tmp")):  # no save of this run is under way yet
+            if TMP_DIR_RE.match(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+                notes.append(f"removed {stale.name} from {self.folder}: an interrupted save (never published)")
         found = list_checkpoints(self.folder)
         if self.cfg.load_step >= 0:
             path = self.folder / f"step-{self.cfg.load_step}"
@@ -332,33 +345,69 @@ class CheckpointManager:
                 "model_name": self.model_name, "model_args": self.model_args, "tokenizer": self.tokenizer,
                 "world_size": self.world_size,
                 "export_dtype": export_dtype, "torch_version": torch.__version__}
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            write_meta(tmp, meta)
-        self._barrier()
+        failure = self._broadcast(_error_text(self._prepare_tmp, tmp, meta) if self.rank == 0 else None)
+        if failure is not None:
+            self._save_failed(step, reason, tmp, failure)
+            return
         start = time.perf_counter()
         state = self._state_to_save(contents, dtype)
-        self._last_saved_step = step
+        writer = self.faults.storage_writer(tmp, step) if self.faults else None
+        previous, self._last_saved_step = self._last_saved_step, step
         if asynchronous:
             with single_process_quiet():
-                response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_pg,
-                                          no_dist=not self.distributed)
+                response = dcp.async_save(state, checkpoint_id=str(tmp), storage_writer=writer,
+                                          process_group=self._async_pg, no_dist=not self.distributed)
             future = getattr(response, "upload_completion", response)
             self._pending = {"step": step, "tmp": tmp, "final": final, "future": future, "start": start,
-                             "reason": reason, "published": False}
+                             "reason": reason, "published": False, "previous": previous}
             logger.info("checkpoint step-%d (%s): staged in %.2f s, writing in the background", step, reason,
                         time.perf_counter() - start)
             return
-        with single_process_quiet():
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self._pg, no_dist=not self.distributed)
+        try:
+            with single_process_quiet():
+                dcp.save(state, checkpoint_id=str(tmp), storage_writer=writer, process_group=self._pg,
+                         no_dist=not self.distributed)
+        except (OSError, CheckpointException) as e:  # DCP gathers every rank's write error: all ranks get here
+            self._last_saved_step = previous
+            self._save_failed(step, reason, tmp, describe_save_error(e))
+            return
         self._barrier()
+        failure = self._broadcast(_error_text(self._publish, tmp, final) if self.rank == 0 else None)
+        if failure is not None:
+            self._last_saved_step = previous
+            self._save_failed(step, reason, tmp, failure)
+            return
         if self.rank == 0:
-            self._publish(tmp, final)
             logger.info("saved checkpoint %s (%s%s) in %.2f s", final, reason,
                         ", model only" + (f" in {export_dtype}" if export_dtype else "") if model_only else "",
                         time.perf_counter() - start)
-        self._barrier()
+        if self.faults:
+            self.faults.kill("kill_after_publish", step)
+
+    def _prepare_tmp(self, tmp: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: an empty ``step-N.tmp`` holding the metadata file."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_meta(tmp, meta)
+
+    def _save_failed(self, step: int, reason: str, tmp: Path, error: str) -> None:
+        """Every rank, after a failed save: drop the partial folder, say what is kept, apply the policy.
+
+        The final save (reason "last") always stops the run with an error: training on is not possible
+        and reporting success would lose the run's last stretch of work."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = [p for _, p in list_checkpoints(self.folder) if (p / COMPLETE_MARKER).is_file()]
+        kept = f"{complete[-1].name} is the newest complete checkpoint and is kept" if complete else \
+            "there is no complete checkpoint yet"
+        stop = self.cfg.on_save_error == "stop" or reason == "last"
+        message = f"checkpoint step-{step} ({reason}) could not be written: {error}; {kept}"
+        if stop:
+            raise CheckpointError(f"{message} (checkpoint.on_save_error = {self.cfg.on_save_error}"
+                                  f"{'; the final save' if reason == 'last' else ''}): stopping")
+        if self.rank == 0:
+            logger.error("%s; training on (checkpoint.on_save_error = continue): the next save tries again",
+                         message)
 
     def _state_to_save(self, contents: list[str], dtype: torch.dtype | None) -> dict[str, Any]:
         state = {key: self._live_state(key) for key in contents}
@@ -387,34 +436,79 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _publish_if_done(self) -> None:
-        """Rank 0, no collective: publish a finished background save as soon as it is seen."""
+        """Rank 0, no collective: publish a finished background save as soon as it is seen. A failed one
+        is only logged here; every rank handles it at the next save or at close (`_wait_pending`)."""
         p = self._pending
         if p is None or p["published"] or self.rank != 0 or not p["future"].done():
             return
-        if p["future"].exception() is None:  # DCP resolves rank 0's future after all ranks wrote + .metadata
-            self._publish(p["tmp"], p["final"])
-            p["published"] = True
-            logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
-                        time.perf_counter() - p["start"])
+        error = p["future"].exception()
+        if error is not None:
+            if not p.get("reported"):
+                p["reported"] = True
+                logger.error("background checkpoint step-%d failed: %s", p["step"], describe_save_error(error))
+            return
+        # DCP resolves rank 0's future after all ranks wrote + .metadata
+        failure = _error_text(self._publish, p["tmp"], p["final"])
+        if failure is not None:  # handled with the others at the next collective point
+            p["publish_error"] = failure
+            return
+        p["published"] = True
+        logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
+                    time.perf_counter() - p["start"])
+        if self.faults:
+            self.faults.kill("kill_after_publish", p["step"])
 
     def _wait_pending(self) -> None:
-        """Collective: finish the outstanding background save (its errors are raised here)."""
+        """Collective: finish the outstanding background save; a failed one goes to `_save_failed`."""
         p = self._pending
         if p is None:
             return
         self._pending = None
-        p["future"].result()  # a failed write raises on every rank (DCP gathers the errors)
-        self._barrier()
-        if self.rank == 0 and not p["published"]:
-            self._publish(p["tmp"], p["final"])
-            logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
-                        time.perf_counter() - p["start"])
-        self._barrier()
+        try:
+            p["future"].result()  # a failed write raises on every rank (DCP gathers the errors)
+            failure = None
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  (any write error fails the save)
+            failure = describe_save_error(e)
+        if failure is None:
+            self._barrier()
+            if self.rank == 0 and not p["published"]:
+                failure = p.get("publish_error") or _error_text(self._publish, p["tmp"], p["final"])
+                if failure is None:
+                    p["published"] = True
+                    logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
+                                time.perf_counter() - p["start"])
+            failure = self._broadcast(failure)
+        if failure is not None:
+            self._last_saved_step = p["previous"]
+            self._save_failed(p["step"], p["reason"], p["tmp"], failure)
+        elif self.faults:
+            self.faults.kill("kill_after_publish", p["step"])
 
     def close(self) -> None:
         """Wait for an outstanding background save and publish it (collective)."""
         if self.enabled:
             self._wait_pending()
+
+
+def describe_save_error(error: BaseException) -> str:
+    """One line per failed rank of a DCP error (it gathers them), or the error itself."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure  # DCP wraps each as (error, stack)
+            parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts)
+    return f"{type(error).__name__}: {error}"
+
+
+def _error_text(fn, *args) -> str | None:
+    """Run `fn(*args)` (a rank-0 file operation); the OSError it raised as text, or None."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return describe_save_error(e)
+    return None
 
 
 def _scheduler_state(scheduler) -> dict[str, Any]:

@@ -117,6 +117,8 @@ class Training:
     chunked_ce: bool = opt(False, "compute cross-entropy in sequence chunks to save memory")
     ce_chunk_size: int = opt(4096, "tokens per chunk when chunked_ce is on", bounds=POSITIVE)
     gc_freq: int = opt(50, "run Python garbage collection every this many steps", bounds=POSITIVE)
+    max_skipped_steps: int = opt(5, "a step whose loss or gradient norm is not finite is skipped (no update; the "
+                                 "lr schedule and data move on); this many in a row stop the run", bounds=POSITIVE)
 
 
 @dataclass
@@ -129,7 +131,8 @@ class Optimizer:
     beta2: float = opt(0.95, "Adam beta2", bounds=Range(ge=0, lt=1))
     eps: float = opt(1e-8, "Adam epsilon", bounds=POSITIVE)
     weight_decay: float = opt(0.1, "decoupled weight decay", bounds=NON_NEGATIVE)
-    fused: Literal["auto", "true", "false"] = opt("auto", "use the fused AdamW kernel; auto = on CUDA only")
+    fused: Literal["auto", "true", "false"] = opt("auto", "use the fused AdamW kernel; auto = on CUDA and CPU "
+                                                  "(with it the non-finite guard skips a step on the device)")
 
 
 @dataclass
@@ -196,6 +199,9 @@ class Checkpoint:
     export_dtype: Literal["float32", "bfloat16"] = opt("float32", "dtype of model-only exports")
     initial_load_path: str = opt("", "checkpoint to initialise from when the folder has none")
     last_save_model_only: bool = opt(False, "the final save holds only model weights (in export_dtype)")
+    on_save_error: Literal["stop", "continue"] = opt(
+        "stop", "a save that fails (e.g. a full disk): stop the run, or log it and train on to the next save; "
+        "the newest complete checkpoint is kept either way, and a failed final save always stops")
 
 
 @dataclass
@@ -257,6 +263,14 @@ class Validation:
 
 
 @dataclass
+class Debug:
+    """Test harness knobs; off by default."""
+
+    faults: list[str] = opt([], "faults to inject, POINT@STEP[xCOUNT][:rankR] (components/faults.py): "
+                            "kill_mid_step, kill_mid_save, kill_after_publish, nan_loss, enospc_save")
+
+
+@dataclass
 class JobConfig:
     """The whole resolved configuration of a run: one attribute per section."""
 
@@ -274,6 +288,7 @@ class JobConfig:
     float8: Float8 = field(default_factory=Float8)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
+    debug: Debug = field(default_factory=Debug)
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 from hydra_titan.components.checkpoint import (COMPLETE_MARKER, META_FILE, CheckpointError, CheckpointManager,
                                                checkpoint_problem, list_checkpoints, load_model_weights,
                                                read_meta, strip_wrapper_prefixes)
+from hydra_titan.components.faults import FaultInjector
 from hydra_titan.components.lr_scheduler import build_lr_scheduler
 from hydra_titan.config.job_config import Checkpoint
 from hydra_titan.train import TrainState
@@ -64,7 +65,7 @@ class FakeLoader:
 class Run:
     """Model + AdamW + schedule + loader + train state + manager, like the trainer wires them."""
 
-    def __init__(self, folder: Path, args: TinyArgs = TinyArgs(), name: str = "tiny", **cfg):
+    def __init__(self, folder: Path, args: TinyArgs = TinyArgs(), name: str = "tiny", faults=None, **cfg):
         torch.manual_seed(0)
         self.model = TinyModel(args)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -76,7 +77,7 @@ class Run:
         self.cfg = Checkpoint(interval=cfg.pop("interval", 2), **cfg)
         self.ckpt = CheckpointManager(self.cfg, folder=folder, model=self.model, optimizer=self.optimizer,
                                       lr_scheduler=self.scheduler, dataloader=self.loader, train_state=self.state,
-                                      model_args=args, model_name=name)
+                                      model_args=args, model_name=name, faults=faults)
 
     def step(self, total: int = 20, save: bool = True) -> tuple[float, float]:
         self.state.step += 1
@@ -160,7 +161,8 @@ def test_interrupted_saves_are_skipped(tmp_path, caplog):
         assert resumed.ckpt.load() is True
     assert resumed.state.step == 2
     text = caplog.text
-    assert "step-8.tmp" in text and "interrupted" in text
+    assert "removed step-8.tmp" in text and "interrupted" in text
+    assert not (folder / "step-8.tmp").exists()  # cleaned up at start: no save of this run was under way
     assert "step-6" in text and "truncated" in text
     assert "step-4" in text and COMPLETE_MARKER in text
 
@@ -392,3 +394,33 @@ def test_seed_checkpoint_is_model_only_and_refuses_overwrite(tmp_path):
 def test_checkpoint_config_defaults_are_valid():
     cfg = dataclasses.replace(Checkpoint(), enable=True)
     assert cfg.interval > 0 and cfg.async_mode in ("disabled", "async")
+
+
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_a_full_disk_fails_the_save_and_on_save_error_continue_trains_on(tmp_path, caplog, async_mode):
+    """ENOSPC (injected at the DCP write) while saving step-4, keep_latest_k = 1: the partial folder goes,
+    step-2 stays (it is pruned only once step-6 is complete), and the run goes on."""
+    folder = tmp_path / "ck"
+    faults = FaultInjector(["enospc_save@4"], rank=0, folder=tmp_path)
+    run = Run(folder, faults=faults, keep_latest_k=1, on_save_error="continue", async_mode=async_mode)
+    with caplog.at_level(logging.ERROR):
+        _steps(run, 5)
+        run.ckpt.close()  # an async failure is handled at the next collective point
+    assert "checkpoint step-4 (interval) could not be written: rank 0: OSError: [Errno 28] No space left" in caplog.text
+    assert "step-2 is the newest complete checkpoint and is kept" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2"]
+    _steps(run, 1)
+    run.ckpt.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["step-6"]
+
+
+def test_a_failed_save_stops_the_run_with_on_save_error_stop_and_a_failed_final_save_always(tmp_path):
+    faults = FaultInjector(["enospc_save@4", "enospc_save@6"], rank=0, folder=tmp_path)
+    run = Run(tmp_path / "ck", faults=faults)
+    _steps(run, 3)
+    with pytest.raises(CheckpointError, match=r"step-4 .*No space left on device.*step-2 is the newest"):
+        run.step()
+    run = Run(tmp_path / "ck2", faults=faults, on_save_error="continue")
+    _steps(run, 5)  # step-4's failure does not stop it (its fault has fired)
+    with pytest.raises(CheckpointError, match=r"step-6 \(last\).*the final save"):
+        run.step(total=6)

@@ -147,7 +147,7 @@ def test_interrupted_saves_are_skipped(ref, tmp_path):
     shard = folder / "step-9" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     out = train(tmp_path, "--activation_checkpoint.mode", "full")
-    assert "ignoring step-11.tmp" in out
+    assert "removed step-11.tmp" in out and not (folder / "step-11.tmp").exists()
     assert "skipping checkpoint" in out and "step-10" in out and "no COMPLETE marker" in out
     assert "step-9" in out and "truncated" in out
     assert "resuming at step 6" in out

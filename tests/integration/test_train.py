@@ -37,6 +37,8 @@ def read_metrics(dump: Path) -> list[dict]:
     (["--training.stepz", "3"], "training.stepz"),
     (["--training.steps", "three"], "training.steps"),
     (["--optimizer.name", "sgd"], "optimizer.name"),
+    (["--debug.faults", "explode@3"], "debug.faults: unknown point 'explode'"),
+    (["--checkpoint.on_save_error", "retry"], "checkpoint.on_save_error"),
     (["--config", "does/not/exist.toml"], "does/not/exist.toml"),
 ])
 def test_bad_config_exits_2_naming_the_key(tmp_path, args, needle):
