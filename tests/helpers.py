@@ -19,12 +19,16 @@ TINY_RUN = ["--config", "train_configs/debug.toml", "--training.seq_len", "64", 
 
 
 def run_trainer(args: list[str], dump: Path, *, nproc: int = 1, timeout: int = 300,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run train.py (under torchrun when nproc > 1) and return the completed process."""
-    launcher = [sys.executable, "train.py"] if nproc == 1 else [
+                env: dict | None = None, max_restarts: int | None = None) -> subprocess.CompletedProcess:
+    """Run train.py (under torchrun when nproc > 1 or max_restarts is given) and return the completed
+    process."""
+    torchrun = nproc > 1 or max_restarts is not None
+    launcher = [sys.executable, "train.py"] if not torchrun else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", "localhost:0", "train.py"]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        "--rdzv_endpoint", "localhost:0", f"--max-restarts={max_restarts or 0}", "train.py"]
+    # a fresh TCPStore per restart, as run_train.sh sets it (a shared one can hand stale addresses to
+    # the restarted ranks: pytorch/pytorch#135712)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
     return subprocess.run(launcher + args + ["--job.dump_folder", str(dump)], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -32,6 +36,12 @@ def run_trainer(args: list[str], dump: Path, *, nproc: int = 1, timeout: int = 3
 def losses(dump: Path, key: str = "loss/ce") -> list[float]:
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+def losses_by_step(dump: Path, key: str = "loss/ce") -> dict[int, float]:
+    """{step: loss} from metrics.jsonl; a step logged again after a restart keeps its last value."""
+    rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 DECODE_VOCAB = 512
