@@ -121,7 +121,7 @@ class SearchSpace:
                 "recursions": self.recursions}
 
 
-def applicable(cfg: JobConfig, model_args) -> dict[str, str]:
+def applicable(model_args) -> dict[str, str]:
     """Searchable names -> '' when the model has them, else why not."""
     # asked of the model's arguments, not of its family's name: any model with these knobs qualifies
     has_mod = getattr(model_args, "mod_every", 0) > 0
@@ -190,7 +190,7 @@ def build_base(opts, budget: Budget) -> Base:
 
 
 def build_space(opts, base: Base, budget: Budget) -> SearchSpace:
-    reasons = applicable(base.cfg, base.model_args)
+    reasons = applicable(base.model_args)
     names = opts.space if opts.space else [n for n in PARAMS if not reasons[n]]
     unusable = [f"{n}: {reasons[n]}" for n in names if reasons[n]]
     if unusable:
