@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Decode speed: cached generation (eager, and replayed as a CUDA graph) against recomputing the
-whole sequence each step.
+"""Decode speed: cached generation (eager, replayed as a CUDA graph, compiled and replayed) against
+recomputing the whole sequence each step.
 
 For each model and batch: a random prompt of --prompt-len tokens per row, then --new-tokens greedy
 tokens, timed end to end (prefill included), in each of --modes:
-  graph      the cached decode step recorded once as a CUDA graph and replayed (CUDA only)
-  cached     the cached decode step dispatched eagerly
-  recompute  the whole sequence recomputed at every step (the baseline of the speed-up)
+  graph           the cached decode step recorded once as a CUDA graph and replayed (CUDA only)
+  graph-compiled  the same, with the step's blocks compiled by torch.compile (inductor) before the
+                  recording: fused elementwise kernels (CUDA only). Its warm-up run decodes as many
+                  tokens as the timed one, so that it compiles for the same cache shape and the
+                  timed run compiles nothing; `graph-compiled_warmup_s` is that run (compile included)
+  cached          the cached decode step dispatched eagerly
+  recompute       the whole sequence recomputed at every step (the baseline of the speed-up)
 Random weights: the speed of a step does not depend on what was learned, but a routed model's
 threshold routing does decide how many tokens a prefill keeps (~50 % untrained).
 
@@ -53,6 +57,7 @@ def timed(fn) -> float:
 
 MODES = {  # name -> generate() keywords
     "graph": {"use_cache": True, "cuda_graph": True},
+    "graph-compiled": {"use_cache": True, "cuda_graph": True, "compile_step": True},
     "cached": {"use_cache": True},
     "recompute": {"use_cache": False},
 }
@@ -65,7 +70,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
-                        help="default: graph cached recompute on CUDA, cached recompute on CPU")
+                        help="default: graph graph-compiled cached recompute on CUDA, cached recompute on CPU")
     parser.add_argument("--slow-tokens", type=int, default=0,
                         help="time the eager modes (cached, recompute) over this many new tokens (0: all); fewer "
                              "make their tokens/s an overestimate, so the speed-ups over them lower bounds")
@@ -74,9 +79,11 @@ def main() -> None:
     parser.add_argument("--json", default="decode_benchmark.json")
     opts = parser.parse_args()
     device, dtype = torch.device(opts.device), getattr(torch, opts.dtype)
-    modes = opts.modes or (["graph", "cached", "recompute"] if device.type == "cuda" else ["cached", "recompute"])
-    if "graph" in modes and device.type != "cuda":
-        parser.error("--modes graph needs a CUDA device")
+    replayed = ("graph", "graph-compiled")  # the CUDA-graph modes, timed over all --new-tokens
+    modes = opts.modes or ([*replayed, "cached", "recompute"] if device.type == "cuda" else ["cached", "recompute"])
+    for mode in (m for m in modes if m in replayed):
+        if device.type != "cuda":
+            parser.error(f"--modes {mode} needs a CUDA device")
     header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "dtype": opts.dtype, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens,
               "slow_tokens": opts.slow_tokens or opts.new_tokens}
@@ -91,8 +98,12 @@ def main() -> None:
             row: dict = {"case": case, "batch": batch}
             tokens: dict[str, list] = {}
             for mode in modes:
-                n_new = opts.new_tokens if mode == "graph" else (opts.slow_tokens or opts.new_tokens)
-                generate(model, prompts, 4, temperature=0, **MODES[mode])  # warm-up: kernels, allocator
+                n_new = opts.new_tokens if mode in replayed else (opts.slow_tokens or opts.new_tokens)
+                # warm-up: kernels, allocator; the compiled step compiles for one cache length (prompt + new)
+                warm_new = n_new if mode == "graph-compiled" else 4
+                warm_s = timed(lambda: generate(model, prompts, warm_new, temperature=0, **MODES[mode]))
+                if mode == "graph-compiled":
+                    row[f"{mode}_warmup_s"] = warm_s
                 row[f"{mode}_s"] = timed(lambda: tokens.setdefault(mode, generate(
                     model, prompts, n_new, temperature=0, **MODES[mode])))
                 row[f"{mode}_tok_s"] = batch * n_new / row[f"{mode}_s"]
@@ -108,7 +119,7 @@ def main() -> None:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    fastest = next(m for m in ("graph", "cached") if m in modes)
+    fastest = next(m for m in ("graph-compiled", "graph", "cached") if m in modes)
     by = {(r["case"], r["batch"]): r for r in rows}
     for (case, batch), r in by.items():
         baseline = by.get((f"llama:{case.split(':')[1]}", batch))

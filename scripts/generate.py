@@ -9,8 +9,12 @@ dcp-to-torch file). Generation stops at the tokenizer's end-of-text id or after 
     python scripts/generate.py --checkpoint outputs/debug/checkpoint --prompt "In the beginning"
     python scripts/generate.py --checkpoint export/ --prompt "And God said" --temperature 0   # greedy
 
+On CUDA the cached decode step is replayed as a CUDA graph; --compile compiles its blocks with
+torch.compile first (fewer, fused kernels per token; the first call compiles, seconds to minutes).
+
 Exit status 2 for bad arguments: a missing path, a folder that is not a checkpoint, a prompt longer
-than the model's max_seq_len, --top-p outside (0, 1], a negative --temperature.
+than the model's max_seq_len, --top-p outside (0, 1], a negative --temperature, --compile without
+the CUDA graph (a CPU device, --no-cache or --no-cuda-graph).
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ from hydra_titan.components.generation import generate  # noqa: E402
 from hydra_titan.components.tokenizer import build_tokenizer  # noqa: E402
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA where there is one."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def load(parser: argparse.ArgumentParser, opts) -> tuple[torch.nn.Module, object, torch.device]:
     """The checkpoint's model (eval mode, on the device, in the dtype) and tokenizer; usage errors exit 2."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    device = resolve_device(opts.device)
     try:
         model, meta = load_inference_model(opts.checkpoint, device)
     except (FileNotFoundError, CheckpointError) as e:
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     parser.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, dispatch each cached decode step eagerly instead of replaying a CUDA graph")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the blocks of the CUDA-graph decode step with torch.compile (CUDA only)")
     parser.add_argument("--json", default="", help="also write prompt ids, new ids, text and tokens/s here")
     opts = parser.parse_args(argv)
     if not opts.temperature >= 0:
@@ -75,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--top-p must be in (0, 1], got {opts.top_p}")
     if opts.top_k < 0 or opts.max_new_tokens < 0:
         parser.error("--top-k and --max-new-tokens must be >= 0")
+    if opts.compile and (resolve_device(opts.device).type != "cuda" or opts.no_cache or opts.no_cuda_graph):
+        parser.error("--compile compiles the CUDA-graph decode step: it needs a CUDA device, "
+                     "and neither --no-cache nor --no-cuda-graph")
     model, tokenizer, device = load(parser, opts)
     prompt_ids = [tokenizer.bos_id, *tokenizer.encode(opts.prompt)]
     if len(prompt_ids) > model.args.max_seq_len:
@@ -96,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     generate(model, [prompt_ids], opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
              top_p=opts.top_p, seed=opts.seed, stop_ids=[tokenizer.eos_id], use_cache=not opts.no_cache,
-             cuda_graph=graph, on_tokens=stream)
+             cuda_graph=graph, compile_step=opts.compile, on_tokens=stream)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     speed = len(new) / seconds if seconds > 0 else float("nan")
     print(f"\n[{len(new)} tokens in {seconds:.2f} s: {speed:.1f} tokens/s, "
-          f"{'recompute' if opts.no_cache else 'cached'} decode{' (CUDA graph)' if graph else ''}, "
+          f"{'recompute' if opts.no_cache else 'cached'} decode{' (CUDA graph)' if graph else ''}"
+          f"{' compiled' if opts.compile else ''}, "
           f"{device.type} {opts.dtype}]", file=sys.stderr)
     if opts.json:
         Path(opts.json).write_text(json.dumps({"prompt_ids": prompt_ids, "new_ids": new, "text": shown,

@@ -13,17 +13,23 @@ baseline of the decode benchmark.
 
 With `cuda_graph=True` (CUDA, cached) the one-token decode step is recorded once as a CUDA graph and
 replayed (`CapturedDecodeStep`): an eager step of a 1B model at batch 1 spends its time dispatching
-hundreds of small kernels from Python, a replay launches them all at once.
+hundreds of small kernels from Python, a replay launches them all at once. A replay still runs every
+one of those kernels, and routed families have thousands of tiny elementwise ones; with
+`compile_step=True` the blocks are compiled first (`CompiledDecodeStep`, inductor), which fuses them,
+and the compiled step is what gets recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..models.common.decoder import Decoder
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,61 @@ def _device_and_max_len(model: nn.Module) -> tuple[torch.device, int]:
     return next(model.parameters()).device, model.args.max_seq_len
 
 
+def _why(e: Exception) -> str:
+    """What a compile failure of CompiledDecodeStep means, in words."""
+    if isinstance(e, torch._dynamo.exc.Unsupported):
+        return "a block does not compile whole (a graph break)"
+    if isinstance(e, torch._dynamo.exc.RecompileError):
+        return "a block would compile again at a later token"
+    return "its blocks reached dynamo's recompile limit (too many kinds of block or decode shapes)"
+
+
+class CompiledDecodeStep:
+    """`model(tokens [B, 1], cache=cache)["logits"][:, -1]` with every block run through torch.compile.
+
+    What `CapturedDecodeStep(compile=True)` records; on its own, a compiled step without a graph (the
+    CPU tests run it so). Why the blocks and not the whole call: the step's host bookkeeping
+    (`DecodeCache.begin` checks the fill level `appended`, a Python int, and `advance` bumps it) would
+    be a guard on a value that changes at every token, so a compiled `model(...)` recompiles at every
+    step. `Decoder.run_layers(blocks=...)` keeps that bookkeeping, the embedding and the head eager (a
+    handful of kernels) and calls each compiled block with its `CacheView`, whose guards (the keys of
+    the state tree, the shapes of its tensors) hold from one token to the next once every module's
+    state exists, which the prefill ensures. Blocks of one structure share one compiled graph (dynamo
+    lifts their parameters as inputs), so a model compiles once per kind of block, not once per layer.
+    The logits are `run_layers`' own: the family's forward only adds losses and routing statistics.
+
+    The first call compiles: inductor's default mode (the CUDA graph is CapturedDecodeStep's, not
+    mode="reduce-overhead"'s), `dynamic=False` (a decode step has one shape: each new batch size or
+    cache length compiles again), `fullgraph=True`. A block that does not compile whole, or a later
+    call that would compile again (a guard that changes from token to token: it would recompile at
+    every step, and inside a CUDA-graph capture), raises ValueError: that family must decode
+    uncompiled. `backend` is torch.compile's (the CPU tests use cheaper ones).
+    """
+
+    def __init__(self, model: nn.Module, cache, backend: str | Callable = "inductor"):
+        if not isinstance(model, Decoder):
+            raise ValueError(f"a compiled decode step compiles a Decoder's blocks, got {type(model).__name__}")
+        self.model, self.cache = model, cache
+        self.blocks = [torch.compile(block, backend=backend, fullgraph=True, dynamic=False)
+                       for block in model.layers.values()]
+        self.compiled = False  # set by the first call, after which nothing may compile again
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        no_recompile = (torch._dynamo.config.patch(error_on_recompile=True) if self.compiled
+                        else contextlib.nullcontext())
+        try:
+            with no_recompile:
+                logits = self.model.run_layers(tokens, cache=self.cache, blocks=self.blocks)[0][:, -1]
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.RecompileError,
+                torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+            kinds = ", ".join(sorted({type(b).__name__ for b in self.model.layers.values()}))
+            raise ValueError(f"{type(self.model).__name__} cannot run its decode step compiled: {_why(e)}, in its "
+                             f"blocks ({kinds}); decode it uncompiled. {e}") from e
+        self.compiled = True
+        return logits
+
+
 class CapturedDecodeStep:
     """`model(tokens [B, 1], cache=cache)["logits"][:, -1]`, recorded once as a CUDA graph and replayed.
 
@@ -106,23 +167,32 @@ class CapturedDecodeStep:
     a side stream (the warm-up CUDA asks for before a capture) and then records a second one, which
     executes nothing; each call replays it for the next token. The returned logits are the graph's
     output buffer, overwritten by the next call.
+
+    `compile=True` records a `CompiledDecodeStep` instead: the warm-up step (a real one, whose logits
+    are `first` as always) is where its blocks compile, so the recording only replays compiled code;
+    a family whose step would compile again there raises ValueError.
     """
 
-    def __init__(self, model: nn.Module, cache, tokens: torch.Tensor):
+    def __init__(self, model: nn.Module, cache, tokens: torch.Tensor, compile: bool = False):
         if tokens.device.type != "cuda":
             raise ValueError(f"cuda_graph needs the model on a CUDA device, got {tokens.device}")
         self.cache, self.tokens = cache, tokens.clone()
-        self._step = lambda: model(self.tokens, cache=cache)["logits"][:, -1]
+        # no closure over self: in a reference cycle the graph would be freed by the garbage collector,
+        # at any moment, perhaps in the middle of a later capture (which that invalidates)
+        step = (CompiledDecodeStep(model, cache) if compile
+                else lambda t: model(t, cache=cache)["logits"][:, -1])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.first = self._step()           # a real step: it advances the cache
+            self.first = step(self.tokens)      # a real step: it advances the cache (and compiles)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         appended = cache.appended
-        with torch.cuda.graph(self.graph, stream=stream):
-            self.logits = self._step()          # recorded, not run: the host counter is put back
-        cache.appended = appended
+        try:
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.logits = step(self.tokens)  # recorded, not run: the host counter is put back
+        finally:
+            cache.appended = appended
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache.appended + 1 > self.cache.max_len:
@@ -136,18 +206,22 @@ class CapturedDecodeStep:
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (), use_cache: bool = True,
-             cuda_graph: bool = False,
+             cuda_graph: bool = False, compile_step: bool = False,
              on_tokens: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (a list of id lists, or one list), stopping a row at a stop id
     (kept) or after `max_new_tokens`. A prompt longer than the model's max_seq_len is an error; the
     continuation stops where the longest row reaches it. `cuda_graph`: replay the decode step as a
-    CUDA graph (CUDA, with the cache). `on_tokens` gets each step's token per row (None for a
-    finished row), for streaming."""
+    CUDA graph (CUDA, with the cache). `compile_step` (with `cuda_graph`): compile the blocks of the
+    recorded step first (`CompiledDecodeStep`); the first call for a batch size and cache length
+    (longest prompt + new tokens) pays the compile. `on_tokens` gets each step's token per row (None
+    for a finished row), for streaming."""
     cfg = SamplingConfig(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cuda_graph and not use_cache:
         raise ValueError("cuda_graph replays the cached decode step; it needs use_cache=True")
+    if compile_step and not cuda_graph:
+        raise ValueError("compile_step compiles the decode step that cuda_graph records; it needs cuda_graph=True")
     rows = _as_rows(prompt_ids)
     device, max_seq_len = _device_and_max_len(model)
     longest = max(len(r) for r in rows)
@@ -197,7 +271,7 @@ def generate(model: nn.Module, prompt_ids, max_new_tokens: int, *, temperature: 
                 if captured is not None:
                     last = captured(next_ids[:, None])
                 elif cuda_graph:  # the first decode step runs eagerly, then is recorded
-                    captured = CapturedDecodeStep(model, cache, next_ids[:, None])
+                    captured = CapturedDecodeStep(model, cache, next_ids[:, None], compile=compile_step)
                     last = captured.first
                 elif use_cache:  # one new token per row, at that row's own position
                     last = model(next_ids[:, None], cache=cache)["logits"][:, -1]

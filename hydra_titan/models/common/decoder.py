@@ -9,6 +9,7 @@ blocks and its forward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -77,14 +78,23 @@ class Decoder(nn.Module):
                            dtype if dtype is not None else weight.dtype)
 
     def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                   cache: DecodeCache | None = None, valid: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+                   cache: DecodeCache | None = None, valid: torch.Tensor | None = None,
+                   blocks: Sequence[Callable] | None = None) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Embedding -> every block -> norm + LM head: (logits, each block's stats), for every family's forward.
 
         With a `cache` (eval mode only) the tokens are appended to it and the logits are those of the
         new tokens; `valid` [B, T] marks the real ones (a batch of prompts of different lengths, right
         padded), default all.
+
+        `blocks` (with a cache only): one callable per layer, run in place of `self.layers` and called
+        as they are. A compiled decode step passes the compiled blocks here
+        (components/generation.py::CompiledDecodeStep): the cache's host bookkeeping (`begin` checks
+        the Python-int fill level, `advance` bumps it) stays in this eager frame, so no compiled code
+        guards on a value that changes at every token.
         """
+        if blocks is not None and (cache is None or len(blocks) != len(self.layers)):
+            raise ValueError(f"blocks replace the {len(self.layers)} layers of a decode step with a cache, "
+                             f"got {len(blocks)} blocks{'' if cache is not None else ' and no cache'}")
         if cache is None:
             if valid is not None:
                 raise ValueError("valid is a decode-cache argument; a forward without a cache attends to every token")
@@ -99,7 +109,7 @@ class Decoder(nn.Module):
             h = self.tok_embeddings(tokens)
             views = [root.child(name) for name in self.layers]
         per_layer = []
-        for layer, view in zip(self.layers.values(), views):
+        for layer, view in zip(self.layers.values() if blocks is None else blocks, views):
             # without a cache the blocks are called exactly as in training (what compile and AC wrap)
             h, stats = layer(h, positions, self.rope_cache, **({} if view is None else {"cache": view}))
             per_layer.append(stats)
