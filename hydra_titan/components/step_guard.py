@@ -45,6 +45,9 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class NonFiniteGuard:
+    """Takes the optimizer step of the trainer (see the module docstring); `max_in_a_row` is
+    `training.max_skipped_steps`."""
+
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, max_in_a_row: int):
         self.optimizer = optimizer
         self.max_in_a_row = max_in_a_row
@@ -52,6 +55,7 @@ class NonFiniteGuard:
         if not self.on_device:
             logger.warning("the non-finite guard reads each step's finite flag on the host: %s has no fused "
                            "found_inf skip (optimizer.fused = true/auto with adamw has)", type(optimizer).__name__)
+
         def counter() -> torch.Tensor:
             return torch.zeros(1, dtype=torch.int64, device=device)
 
