@@ -347,7 +347,7 @@ def test_config_to_dict_is_a_deep_copy():
     assert cfg.model.overrides == {"mor": {"recursions": 3}}
     assert set(data) == {
         "job", "model", "training", "optimizer", "lr_scheduler", "data", "tokenizer", "parallelism",
-        "checkpoint", "activation_checkpoint", "compile", "float8", "metrics", "validation",
+        "checkpoint", "activation_checkpoint", "compile", "float8", "metrics", "validation", "debug",
     }  # fmt: skip
 
 
