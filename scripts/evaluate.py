@@ -26,16 +26,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra_titan.components.datasets import encode_files, open_token_shard, resolve_files  # noqa: E402
+from hydra_titan.components.datasets import token_documents  # noqa: E402
 from generate import add_model_arguments, load  # noqa: E402
 
 
 def token_stream(data: str, tokenizer) -> np.ndarray:
     """Every token of the files `data` names, in order."""
-    if data.endswith(".bin"):
-        shards = resolve_files(data, (".bin",))
-        return np.concatenate([np.asarray(open_token_shard(p, tokenizer).tokens, dtype=np.int64) for p in shards])
-    return np.asarray([t for doc in encode_files(resolve_files(data), tokenizer) for t in doc], dtype=np.int64)
+    parts = [np.asarray(doc, dtype=np.int64) for doc in token_documents(data, tokenizer)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 @torch.no_grad()

@@ -64,8 +64,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra_titan.components.checkpoint_files import CheckpointError, load_inference_model  # noqa: E402
-from hydra_titan.components.datasets import (cached_token_shard, encode_files, open_token_shard,  # noqa: E402
-                                             resolve_files)
+from hydra_titan.components.datasets import cached_token_shard, token_documents  # noqa: E402
 from hydra_titan.components.tokenizer import Tokenizer, build_tokenizer  # noqa: E402
 from hydra_titan.models.common.mod import MoDRouter  # noqa: E402
 from hydra_titan.models.common.moe import expert_load_summary  # noqa: E402
@@ -222,11 +221,8 @@ def _documents(data: str, tokenizer: Tokenizer) -> Iterator[Sequence[int]]:
     """Token ids of `data` (empty: the built-in corpus), document by document, BOS ... EOS."""
     if not data:
         yield cached_token_shard("demo", tokenizer).tokens
-    elif data.endswith(".bin"):
-        for path in resolve_files(data, (".bin",)):
-            yield open_token_shard(path, tokenizer).tokens
     else:
-        yield from encode_files(resolve_files(data), tokenizer)
+        yield from token_documents(data, tokenizer)
 
 
 def token_windows(data: str, tokenizer: Tokenizer, seq_len: int, count: int) -> torch.Tensor:

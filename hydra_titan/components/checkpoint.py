@@ -448,15 +448,18 @@ class CheckpointManager:
                 logger.error("background checkpoint step-%d failed: %s", p["step"], describe_save_error(error))
             return
         # DCP resolves rank 0's future after all ranks wrote + .metadata
-        failure = _error_text(self._publish, p["tmp"], p["final"])
-        if failure is not None:  # handled with the others at the next collective point
-            p["publish_error"] = failure
-            return
-        p["published"] = True
-        logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
-                    time.perf_counter() - p["start"])
-        if self.faults:
+        p["publish_error"] = self._publish_pending(p)  # a failure is handled at the next collective point
+        if p["publish_error"] is None and self.faults:
             self.faults.kill("kill_after_publish", p["step"])
+
+    def _publish_pending(self, p: dict[str, Any]) -> str | None:
+        """Rank 0: publish the background save `p` once; the error text, or None when it is published."""
+        failure = _error_text(self._publish, p["tmp"], p["final"])
+        if failure is None:
+            p["published"] = True
+            logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
+                        time.perf_counter() - p["start"])
+        return failure
 
     def _wait_pending(self) -> None:
         """Collective: finish the outstanding background save; a failed one goes to `_save_failed`."""
@@ -472,11 +475,7 @@ class CheckpointManager:
         if failure is None:
             self._barrier()
             if self.rank == 0 and not p["published"]:
-                failure = p.get("publish_error") or _error_text(self._publish, p["tmp"], p["final"])
-                if failure is None:
-                    p["published"] = True
-                    logger.info("saved checkpoint %s (%s, async) in %.2f s", p["final"], p["reason"],
-                                time.perf_counter() - p["start"])
+                failure = p.get("publish_error") or self._publish_pending(p)
             failure = self._broadcast(failure)
         if failure is not None:
             self._last_saved_step = p["previous"]

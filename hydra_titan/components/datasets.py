@@ -345,6 +345,17 @@ def open_token_shards(path: str | os.PathLike[str], tokenizer: Tokenizer) -> lis
     return [open_token_shard(f, tokenizer) for f in files]
 
 
+def token_documents(path: str, tokenizer: Tokenizer) -> Iterator:
+    """Token ids of the data `path` names, piece by piece, for the scripts that read data without a
+    training loader (evaluate, the routing healthcheck): each shard of a ``.bin`` path (checked by
+    `open_token_shard`), else each document of the text / jsonl files, encoded."""
+    if str(path).endswith(".bin"):
+        for shard in open_token_shards(path, tokenizer):
+            yield shard.tokens
+    else:
+        yield from encode_files(resolve_files(path), tokenizer)
+
+
 # ------------------------------------------------------------------------------ cache
 
 
