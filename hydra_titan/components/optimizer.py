@@ -1,4 +1,4 @@
-"""Optimizer construction: AdamW (fused / foreach) or torchao's 8-bit AdamW.
+"""Optimizer construction: AdamW (fused / foreach), torchao's 8-bit AdamW, or Muon.
 
 Parameters are split into two groups, *decay* and *no-decay*. Weight decay
 pulls weights towards zero, which is right for the big matrices but harmful
@@ -7,6 +7,10 @@ temperatures, embeddings and router vectors (decaying a router shrinks its
 logits towards the 0.5 threshold and blurs the routing decision). The rule is
 "ndim < 2, or the name contains one of ``NO_DECAY_NAME_PATTERNS``"; a model
 with other special parameters passes its own ``no_decay_patterns``.
+
+``name = "muon"`` moves the decay group's hidden matrices (the weights of
+``nn.Linear`` modules other than the output head) into a third group, "muon",
+stepped by ``torch.optim.Muon`` (components/muon.py); the rest stays on AdamW.
 
 Everything here only reads ``name``, ``ndim``, ``numel()``, ``device`` and
 ``requires_grad`` of the parameters, all of which are DTensor-safe, so the
@@ -22,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .muon import MUON_ADJUST_LR, MuonWithAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,32 @@ def build_param_groups(
     return [group for group in groups if group["params"]]
 
 
+def muon_matrices(model: nn.Module) -> set[int]:
+    """ids of the weights Muon steps: ``nn.Linear`` weights, except the output head's.
+
+    Conv kernels, expert tensors (3-D), embeddings and norms are not linear maps of the
+    hidden state; the output head maps to per-token logits. Those stay on AdamW.
+    """
+    head = getattr(model, "output", None)
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, nn.Linear) and m.weight.ndim == 2 and id(m.weight) not in head_ids}
+
+
+def split_muon_group(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move the decay group's ``muon_matrices`` into a group named "muon" (decayed too)."""
+    matrices = muon_matrices(model)
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        if group["name"] != "decay":
+            out.append(group)
+            continue
+        muon = [p for p in group["params"] if id(p) in matrices]
+        rest = [p for p in group["params"] if id(p) not in matrices]
+        out += [{**group, "name": "muon", "params": muon}, {**group, "params": rest}]
+    return [group for group in out if group["params"]]
+
+
 def _log_groups(optimizer_name: str, groups: Sequence[Mapping[str, Any]], detail: str) -> None:
     """Log, per group, how many tensors and scalar parameters it holds."""
     summary = ", ".join(
@@ -109,8 +141,8 @@ def _normalise_fused(fused: str | bool) -> str:
     return value
 
 
-def _build_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float,
-                 fused: str) -> tuple[torch.optim.Optimizer, str]:
+def _build_adamw(groups: list[dict[str, Any]], *, model: nn.Module, lr: float, betas: tuple[float, float],
+                 eps: float, fused: str) -> tuple[torch.optim.Optimizer, str]:
     """torch AdamW: the fused kernel on CUDA and CPU ("auto"), foreach elsewhere.
 
     Fused is the default because its ``found_inf`` input lets the non-finite
@@ -118,6 +150,7 @@ def _build_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float,
     refuses it at construction, fall back to foreach with a warning rather than
     failing the run.
     """
+    del model  # the groups say everything AdamW needs
     use_fused = fused == "true" or (fused == "auto" and _all_on_fused_devices(groups))
     if use_fused:
         try:
@@ -127,8 +160,8 @@ def _build_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True), "foreach"
 
 
-def _build_adamw8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float], eps: float,
-                     fused: str) -> tuple[torch.optim.Optimizer, str]:
+def _build_adamw8bit(groups: list[dict[str, Any]], *, model: nn.Module, lr: float, betas: tuple[float, float],
+                     eps: float, fused: str) -> tuple[torch.optim.Optimizer, str]:
     """torchao's block-wise 8-bit AdamW (optimizer state ~4x smaller).
 
     ``fused`` does not apply (torchao compiles its own step). torchao keeps the
@@ -136,7 +169,7 @@ def _build_adamw8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[fl
     ``torch.compile``: on CPU that needs a working C++ compiler, and it is meant
     for CUDA; CPU support is whatever the installed torchao provides.
     """
-    del fused
+    del fused, model
     try:
         from torchao.optim import AdamW8bit
     except ImportError as err:
@@ -155,13 +188,25 @@ def _build_adamw8bit(groups: list[dict[str, Any]], *, lr: float, betas: tuple[fl
     return optimizer, "torchao 8-bit state"
 
 
-#: (groups, *, lr, betas, eps, fused) -> (optimizer, a few words on how it was built, for the log)
+def _build_muon(groups: list[dict[str, Any]], *, model: nn.Module, lr: float, betas: tuple[float, float],
+                eps: float, fused: str) -> tuple[torch.optim.Optimizer, str]:
+    """torch Muon on the model's hidden matrices, torch AdamW (fused as for "adamw") on the rest."""
+    groups = split_muon_group(model, groups)
+    muon = [g for g in groups if g["name"] == "muon"]
+    adamw = [g for g in groups if g["name"] != "muon"]
+    use_fused = fused == "true" or (fused == "auto" and _all_on_fused_devices(adamw))
+    optimizer = MuonWithAdamW(muon, adamw, lr=lr, betas=betas, eps=eps, fused=use_fused, foreach=not use_fused)
+    return optimizer, f"torch Muon (adjust_lr_fn={MUON_ADJUST_LR}) + {'fused' if use_fused else 'foreach'} AdamW"
+
+
+#: (groups, *, model, lr, betas, eps, fused) -> (optimizer, a few words on how it was built, for the log)
 OptimizerBuilder = Callable[..., tuple[torch.optim.Optimizer, str]]
 
 _OPTIMIZER_BUILDERS: Mapping[str, OptimizerBuilder] = MappingProxyType(
     {
         "adamw": _build_adamw,
         "adamw8bit": _build_adamw8bit,
+        "muon": _build_muon,
     }
 )
 
@@ -203,6 +248,7 @@ def build_optimizer(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     fused_choice = _normalise_fused(fused)
     groups = build_param_groups(model, weight_decay, no_decay_patterns)
-    optimizer, detail = _OPTIMIZER_BUILDERS[name](groups, lr=lr, betas=(beta1, beta2), eps=eps, fused=fused_choice)
-    _log_groups(name, groups, detail)
+    optimizer, detail = _OPTIMIZER_BUILDERS[name](groups, model=model, lr=lr, betas=(beta1, beta2), eps=eps,
+                                                  fused=fused_choice)
+    _log_groups(name, optimizer.param_groups, detail)
     return optimizer

@@ -123,9 +123,11 @@ class Training:
 
 @dataclass
 class Optimizer:
-    """AdamW hyper-parameters."""
+    """Optimizer hyper-parameters (AdamW's; Muon reuses lr and weight_decay)."""
 
-    name: Literal["adamw", "adamw8bit"] = opt("adamw", "optimizer implementation")
+    name: Literal["adamw", "adamw8bit", "muon"] = opt("adamw", "optimizer implementation; muon = torch.optim.Muon on "
+                                                      "the hidden matrices (nn.Linear weights but the output "
+                                                      "head) with AdamW's lr and weight decay, AdamW on the rest")
     lr: float = opt(3e-4, "peak learning rate", bounds=POSITIVE)
     beta1: float = opt(0.9, "Adam beta1", bounds=Range(ge=0, lt=1))
     beta2: float = opt(0.95, "Adam beta2", bounds=Range(ge=0, lt=1))

@@ -228,7 +228,7 @@ def test_wrong_type_in_toml(tmp_path, toml, key):
 
 def test_value_outside_allowed_set_lists_allowed_values(tmp_path):
     message = config_error(["--optimizer.name", "adam"])
-    assert "optimizer.name" in message and "adamw, adamw8bit" in message
+    assert "optimizer.name" in message and "adamw, adamw8bit, muon" in message
     path = write_toml(tmp_path, "[lr_scheduler]\ndecay_type = 'step'\n")
     message = config_error(["--config", path])
     assert "lr_scheduler.decay_type" in message and "cosine, linear, wsd, constant" in message
@@ -305,7 +305,7 @@ def test_help_lists_sections_keys_and_defaults(capsys):
     assert out == format_help()
     assert "[training]" in out and "[float8]" in out
     assert "--training.steps int = 1000" in out
-    assert "--optimizer.name {adamw|adamw8bit}" in out
+    assert "--optimizer.name {adamw|adamw8bit|muon}" in out
 
 
 def test_subprocess_exit_code_and_stderr():

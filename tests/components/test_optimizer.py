@@ -204,7 +204,7 @@ def test_unknown_optimizer_name_lists_known_names():
         build_optimizer(_TinyModel(), name="lion", **HPARAMS)
     for name in OPTIMIZER_NAMES:
         assert name in str(info.value)
-    assert set(OPTIMIZER_NAMES) == {"adamw", "adamw8bit"}
+    assert set(OPTIMIZER_NAMES) == {"adamw", "adamw8bit", "muon"}
 
 
 def test_adamw8bit_without_torchao_raises_clear_import_error(monkeypatch):
