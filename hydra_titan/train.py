@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .components.checkpoint import CheckpointError, CheckpointManager
-from .components.dataloader import PackedWindows, TokenDataLoader, load_windows, split_loader
+from .components.dataloader import PackedWindows, TokenDataLoader, heldout_loader, load_windows, split_loader
 from .components.faults import FaultInjector
 from .components.loss import build_loss_fn, bytes_of_targets, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler, fit_warmup
@@ -106,8 +106,7 @@ class Trainer:
         windows = load_windows(source=d.source, path=d.path, tokenizer=self.tokenizer, seq_len=cfg.training.seq_len,
                                text_field=d.text_field, hf_name=d.hf_name, hf_split=d.hf_split)  # once, both splits
         self.train_loader = self._split_loader(windows, "train")
-        self.val_loader = (self._split_loader(windows, "val")
-                           if cfg.validation.enable and d.val_fraction > 0 else None)
+        self.val_loader = self._val_loader(windows) if cfg.validation.enable else None
         if self.val_loader is not None and len(self.val_loader) == 0:
             # reporting a loss over zero tokens would print 0.0 as if it were one
             logger.warning("validation is off: the validation split holds less than one global batch "
@@ -166,9 +165,23 @@ class Trainer:
         self.tracker: RunTracker | None = None  # rank 0's run database, opened by restore()
 
     def _split_loader(self, windows: PackedWindows, split: str) -> TokenDataLoader:
-        return split_loader(windows, split=split, val_fraction=self.cfg.data.val_fraction,
+        d = self.cfg.data
+        return split_loader(windows, split=split, val_fraction=0.0 if d.val_path else d.val_fraction,
                             local_batch_size=self.cfg.training.local_batch_size, dp_rank=self.dist.rank,
                             dp_world_size=self.parallel_dims.dp_world_size, seed=self.cfg.job.seed)
+
+    def _val_loader(self, windows: PackedWindows) -> TokenDataLoader | None:
+        """The tail of the training windows (data.val_fraction), or all of data.val_path."""
+        d = self.cfg.data
+        if not d.val_path:
+            return self._split_loader(windows, "val") if d.val_fraction > 0 else None
+        if d.source not in ("text", "shards"):
+            raise ConfigError(f"data.val_path needs data.source = 'text' or 'shards', got {d.source!r}")
+        held_out = load_windows(source=d.source, path=d.val_path, tokenizer=self.tokenizer,
+                                seq_len=self.cfg.training.seq_len, text_field=d.text_field, hf_name=d.hf_name,
+                                hf_split=d.hf_split)
+        return heldout_loader(held_out, local_batch_size=self.cfg.training.local_batch_size, dp_rank=self.dist.rank,
+                              dp_world_size=self.parallel_dims.dp_world_size)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -330,7 +343,8 @@ class Trainer:
                     result["stats"]["moe_load"], moe_window = moe_window, None
                 self._log_step(step, result, throughput)
             if self.val_loader is not None and (step % cfg.validation.freq == 0 or step == t.steps):
-                val_loss, val_bpb = self.validate()
+                with throughput.paused():  # tokens/s measures training, not evaluation
+                    val_loss, val_bpb = self.validate()
                 logger.info("step %d  validation loss %.4f  bits/byte %.4f", step, val_loss, val_bpb)
                 self.metrics.log(step, {"validation/loss": val_loss, "validation/bpb": val_bpb})
                 if self.tracker is not None:

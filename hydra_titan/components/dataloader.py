@@ -29,8 +29,8 @@ from hydra_titan.components.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DATA_SOURCES", "IndexPermutation", "PackedWindows", "TokenDataLoader", "build_dataloader", "load_windows",
-           "split_loader"]
+__all__ = ["DATA_SOURCES", "IndexPermutation", "PackedWindows", "TokenDataLoader", "build_dataloader",
+           "heldout_loader", "load_windows", "split_loader"]
 
 DATA_SOURCES = ("demo", "text", "shards", "hf")
 SPLITS = ("train", "val")
@@ -326,6 +326,15 @@ def split_loader(
         seed=seed,
         train=split == "train",
     )
+
+
+def heldout_loader(windows: PackedWindows, *, local_batch_size: int, dp_rank: int,
+                   dp_world_size: int) -> TokenDataLoader:
+    """A validation loader over *all* of ``windows``: a held-out set of its own (``data.val_path``),
+    e.g. the documents a corpus builder split off, instead of the tail of the training data."""
+    logger.info("held-out validation set = all %d windows", len(windows))
+    return TokenDataLoader(windows, first_window=0, num_windows=len(windows), local_batch_size=local_batch_size,
+                           dp_rank=dp_rank, dp_world_size=dp_world_size, seed=0, train=False)
 
 
 def build_dataloader(

@@ -11,6 +11,8 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,15 @@ class Throughput:
 
     def add_tokens(self, n: int) -> None:
         self._tokens += n
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside out of the interval (validation is not training)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - began
 
     def read(self) -> dict[str, float]:
         now = time.perf_counter()

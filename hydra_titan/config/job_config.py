@@ -157,6 +157,8 @@ class Data:
     hf_name: str = opt("", "Hugging Face dataset name (source = hf)")
     hf_split: str = opt("train", "Hugging Face dataset split (source = hf)")
     val_fraction: float = opt(0.01, "fraction of documents held out for validation", bounds=Range(ge=0, lt=1))
+    val_path: str = opt("", "held-out data of the same source kind (file, folder or glob); when set, validation "
+                        "reads all of it, training all of data.path, and val_fraction is not used")
     num_workers: int = opt(0, "must stay 0: the loader slices memory-mapped token windows in the training "
                            "process, so there is nothing for workers to do (kept so saved config.toml files "
                            "load)", bounds=Range(ge=0, le=0))

@@ -54,6 +54,9 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, args, needle):
     (["--model.flavor", "2B"], "2B"),
     (["--data.source", "text", "--data.path", "/nonexistent/*.txt"], "/nonexistent"),
     (["--tokenizer.name", "/nonexistent/tok.tiktoken"], "/nonexistent/tok.tiktoken"),
+    (["--data.source", "text", "--data.path", "README.md", "--data.val_path", "/nonexistent/val.txt"],
+     "/nonexistent/val.txt"),
+    (["--data.val_path", "README.md"], "data.val_path needs data.source = 'text' or 'shards', got 'demo'"),
 ])
 def test_bad_model_or_data_settings_fail_at_start_up(tmp_path, args, needle):
     proc = run_train(["--training.steps", "2", *args], tmp_path)
@@ -176,3 +179,35 @@ def test_torchrun_two_cpu_ranks_runs_to_the_end(tmp_path):
     assert steps == [(r["step"], r["loss/total"]) for r in read_metrics(tmp_path) if "loss/total" in r]
     assert [s for s, _ in steps] == list(range(1, 7))
     assert conn.execute("SELECT step FROM evals").fetchall() == [(5,), (6,)]
+
+
+def _text_file(path: Path, words: list[str], n: int) -> Path:
+    rng = np.random.default_rng(len(words) + n)
+    path.write_text("\n".join(" ".join(rng.choice(words, size=12)) for _ in range(n)) + "\n")
+    return path
+
+
+def test_val_path_validates_on_a_held_out_set_and_trains_on_all_of_data_path(tmp_path):
+    train = _text_file(tmp_path / "train.txt", ["the", "lord", "said", "unto", "moses", "and", "israel"], 400)
+    held_out = _text_file(tmp_path / "held_out.txt", ["light", "darkness", "waters", "heaven", "earth"], 120)
+    other = _text_file(tmp_path / "other.txt", ["seven", "golden", "candlesticks", "angel", "church"], 120)
+    common = ["--training.steps", "3", "--validation.freq", "3", "--validation.steps", "1000",
+              "--data.source", "text", "--data.path", str(train), "--data.val_fraction", "0.5"]
+    a = run_train(common + ["--data.val_path", str(held_out)], tmp_path / "a")
+    b = run_train(common + ["--data.val_path", str(other)], tmp_path / "b")
+    for proc in (a, b):
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    # all of data.path trains (val_fraction is not used), all of val_path validates
+    import re
+    train_windows = re.search(r"data text/\S+train.txt: \d+ tokens, (\d+) windows", a.stdout)
+    assert train_windows and f"split train = windows [0, {train_windows.group(1)})" in a.stdout
+    held = re.search(r"data text/\S+held_out.txt: \d+ tokens, (\d+) windows", a.stdout)
+    assert held and f"held-out validation set = all {held.group(1)} windows" in a.stdout
+    val_a = [r["validation/bpb"] for r in read_metrics(tmp_path / "a") if "validation/bpb" in r]
+    val_b = [r["validation/bpb"] for r in read_metrics(tmp_path / "b") if "validation/bpb" in r]
+    assert len(val_a) == len(val_b) == 1
+    assert abs(val_a[0] - val_b[0]) > 1e-3  # the same weights scored on different held-out text
+    # training itself did not change with the held-out set
+    train_a = [r["loss/ce"] for r in read_metrics(tmp_path / "a") if "loss/ce" in r]
+    assert train_a == [r["loss/ce"] for r in read_metrics(tmp_path / "b") if "loss/ce" in r]
+
