@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (registered in sys.modules, which dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # a tiny HYDRA (or llama, via --model.name) that trains a step in well under a second on 2 cores
 TINY_MODEL = ["--model.overrides.dim", "128", "--model.overrides.n_heads", "2", "--model.overrides.head_dim", "32"]
