@@ -57,7 +57,7 @@ ARMS: dict[str, Arm] = {
     "hydra_default": Arm("train_configs/100M.toml", note="original HYDRA: MoD 0.75 on every block, MoR 4 recursions"),
     "hydra_best": Arm("train_configs/100M.toml", HYDRA_BEST,
                       note="papers' best: MoD 12.5% on every other block, MoR 3 recursions (expert-choice)"),
-    "hybrid_v1": Arm("train_configs/hybrid_v1.toml", ("--model.flavor", "100M"),
+    "hybrid_v1": Arm("train_configs/hybrid_v1.toml", ("--model.flavor", "125M"),
                      note="Mamba-2 on odd layers, attention on even"),
     "waaagh": Arm("train_configs/waaagh_100M.toml", note="SSM + local/sparse/memory/prediction heads + MoE"),
     "llama_muon": Arm("train_configs/llama_100M.toml", MUON, note="llama with torch Muon on the hidden matrices"),

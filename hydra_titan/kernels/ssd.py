@@ -65,7 +65,7 @@ def ssd_chunked_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     end cannot reach earlier tokens). Returns v's dtype.
     """
     bsz, seq_len, groups, _ = q.shape
-    heads = v.shape[2]
+    heads, out_dtype = v.shape[2], v.dtype
     compute = torch.float64 if v.dtype == torch.float64 else torch.float32
     pad = -seq_len % chunk_size
     q, k, v, g = (F.pad(t.to(compute), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (q, k, v, g))
@@ -89,7 +89,7 @@ def ssd_chunked_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     entering = torch.einsum("bhzc,bhcnp->bhznp", chunk_decay, states)[:, :, :-1]
     # 4. what each chunk's tokens read from the state that entered it
     y = y + (q * g_cum.exp()[..., None]) @ entering
-    return y.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :seq_len].to(v.dtype)
+    return y.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :seq_len].to(out_dtype)
 
 
 def ssd_with_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,

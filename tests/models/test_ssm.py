@@ -30,6 +30,17 @@ def test_chunked_ssd_equals_the_sequential_recurrence_in_float64(seq_len, chunk,
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+def test_chunked_ssd_returns_bf16_for_bf16_values_computed_in_fp32():
+    """A bf16 model's mixer feeds the scan's output to bf16 weights: it must come back in v's dtype."""
+    x = [t.detach() for t in scan_inputs(1, 40, 2, 4, n=8, p=6)]
+    q, k, v = (t.to(torch.bfloat16) for t in x[:3])
+    g = x[3].float()  # g stays fp32, as the mixer passes it
+    got = ssd_chunked_torch(q, k, v, g, chunk_size=16)
+    assert got.dtype == torch.bfloat16
+    want = ssd_sequential(q.double(), k.double(), v.double(), g.double())
+    torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=3e-2)
+
+
 def test_causal_conv_equals_a_left_padded_depthwise_conv1d():
     x, w, bias = torch.randn(2, 20, 6), torch.randn(6, 4), torch.randn(6)
     want = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w.unsqueeze(1), bias, groups=6).transpose(1, 2)
