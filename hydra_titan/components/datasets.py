@@ -178,7 +178,8 @@ class TokenShard:
         return int(self.tokens.shape[0])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -232,7 +233,7 @@ def write_token_shard(
         "eos_id": tokenizer.eos_id,
         "sources": sources,
     }
-    _atomic_write_text(sidecar_path(out_path), json.dumps(header, indent=1))
+    atomic_write_text(sidecar_path(out_path), json.dumps(header, indent=1))
     logger.info("wrote %s: %d documents, %d tokens (%s)", out_path, num_docs, num_tokens, dtype.name)
     return header
 

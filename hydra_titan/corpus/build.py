@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hydra_titan.components.datasets import atomic_write_text
 from hydra_titan.corpus.dedup import DedupConfig, deduplicate
 from hydra_titan.corpus.document import Document
 from hydra_titan.corpus.packages import FetchError, Fetcher
@@ -161,28 +160,13 @@ def build(config: BuildConfig, fetcher: Fetcher) -> dict:
         },
         "splits": splits,
     }
-    _atomic_write(config.out_dir / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(config.out_dir / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
 
 
 def _write_jsonl(path: Path, documents: list[Document]) -> dict:
     text = "".join(json.dumps(d.record(), ensure_ascii=False) + "\n" for d in documents)
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     data = text.encode("utf-8")
     return {"file": path.name, "documents": len(documents), "bytes": sum(d.num_bytes for d in documents),
             "file_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
