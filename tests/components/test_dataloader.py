@@ -395,9 +395,8 @@ def test_demo_source_is_kjv_and_fast(tmp_path):
     assert sum(w in text.split() for w in ("the", "and", "of")) >= 2
 
 
-def test_hf_source_needs_datasets(tmp_path):
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed: the missing-package error cannot be exercised")
+def test_hf_source_needs_datasets(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (the torchtitan extra brings it)
     with pytest.raises(ImportError, match="'datasets'"):
         _text_loader("", tmp_path, source="hf", hf_name="some/dataset")
 
