@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ from hydra_titan.components.faults import FaultInjector
 from hydra_titan.components.lr_scheduler import build_lr_scheduler
 from hydra_titan.config.job_config import Checkpoint
 from hydra_titan.train import TrainState
+
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,13 +99,6 @@ def _steps(run: Run, n: int, **kw) -> list[tuple[float, float]]:
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- save / load
@@ -321,7 +315,7 @@ def test_strip_wrapper_prefixes():
 def test_convert_round_trip_and_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    convert = _load_script("convert_checkpoint")
+    convert = load_script("convert_checkpoint")
     run = Run(tmp_path / "a")
     _steps(run, 2)
     expected = _steps(run, 2, save=False)
@@ -346,7 +340,7 @@ def test_convert_round_trip_and_safetensors(tmp_path):
 
 
 def test_convert_refuses_overwrite_and_missing_input(tmp_path, capsys):
-    convert = _load_script("convert_checkpoint")
+    convert = load_script("convert_checkpoint")
     _steps(Run(tmp_path / "a"), 2)
     (tmp_path / "exists.pt").write_bytes(b"x")
     assert convert.main(["dcp-to-torch", str(tmp_path / "a"), str(tmp_path / "exists.pt")]) == 1
@@ -374,7 +368,7 @@ def test_convert_cli_exit_codes_and_help(tmp_path):
 
 
 def test_seed_checkpoint_is_model_only_and_refuses_overwrite(tmp_path):
-    seed = _load_script("create_seed_checkpoint")
+    seed = load_script("create_seed_checkpoint")
     from hydra_titan.config import load_config
 
     argv = ["--job.dump_folder", str(tmp_path), "--model.overrides.dim", "64", "--model.overrides.n_heads", "2",

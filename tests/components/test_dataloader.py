@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -19,6 +18,8 @@ from hydra_titan.components.dataloader import IndexPermutation, PackedWindows, T
 from hydra_titan.components.datasets import TokenShard
 from hydra_titan.components.tokenizer import Tokenizer, build_tokenizer
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "and the of to in that he shall unto for his a lord they be is him not them it with all thou".split()
 
@@ -30,11 +31,7 @@ def kjv() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def prepare_data():
-    spec = importlib.util.spec_from_file_location("_script_prepare_data", REPO / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("prepare_data").main
 
 
 def _documents(n: int, seed: int = 0) -> list[str]:

@@ -150,30 +150,23 @@ def test_no_hidden_matrix_is_a_clear_error():
         build_optimizer(nn.Sequential(nn.LayerNorm(4)), name="muon", **HPARAMS)
 
 
-def test_dtensor_parameters_step_like_plain_ones():
+def test_dtensor_parameters_step_like_plain_ones(single_rank_group):
     """After fully_shard on one rank (what a one-GPU run has) Muon steps DTensors bitwise like tensors."""
-    dist = pytest.importorskip("torch.distributed")
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed available and not yet initialised")
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        sharded, plain = _twin()
-        fsdp.fully_shard(sharded)
-        assert isinstance(sharded.wq.weight, DTensor)
-        opt_s = build_optimizer(sharded, name="muon", **HPARAMS)
-        opt_p = build_optimizer(plain, name="muon", **HPARAMS)
-        assert _train(sharded, opt_s, 3) == _train(plain, opt_p, 3)
-        for (name, p), (_, q) in zip(sharded.named_parameters(), plain.named_parameters()):
-            assert torch.equal(p.full_tensor(), q), name
-        # DCP's state-dict helpers see one optimizer with fully-qualified names
-        osd = get_optimizer_state_dict(sharded, opt_s)
-        assert set(osd["state"]["wq.weight"]) == {"momentum_buffer"}
-        assert "exp_avg" in osd["state"]["output.weight"]
-        set_optimizer_state_dict(sharded, opt_s, optim_state_dict=osd)
-        assert _train(sharded, opt_s, 2) == _train(plain, opt_p, 2)
-    finally:
-        dist.destroy_process_group()
+    sharded, plain = _twin()
+    fully_shard(sharded)
+    assert isinstance(sharded.wq.weight, DTensor)
+    opt_s = build_optimizer(sharded, name="muon", **HPARAMS)
+    opt_p = build_optimizer(plain, name="muon", **HPARAMS)
+    assert _train(sharded, opt_s, 3) == _train(plain, opt_p, 3)
+    for (name, p), (_, q) in zip(sharded.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p.full_tensor(), q), name
+    # DCP's state-dict helpers see one optimizer with fully-qualified names
+    osd = get_optimizer_state_dict(sharded, opt_s)
+    assert set(osd["state"]["wq.weight"]) == {"momentum_buffer"}
+    assert "exp_avg" in osd["state"]["output.weight"]
+    set_optimizer_state_dict(sharded, opt_s, optim_state_dict=osd)
+    assert _train(sharded, opt_s, 2) == _train(plain, opt_p, 2)

@@ -240,26 +240,19 @@ def test_adamw8bit_steps_on_cpu():
     assert type(optimizer.state[model[0].weight]["exp_avg"]).__name__ == "OptimState8bit"
 
 
-def test_works_with_fsdp2_dtensor_parameters():
+def test_works_with_fsdp2_dtensor_parameters(single_rank_group):
     """Groups and a step work after fully_shard (1-rank gloo group on CPU)."""
-    dist = pytest.importorskip("torch.distributed")
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed available and not yet initialised")
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = _TinyModel()
-        fsdp.fully_shard(model)
-        assert isinstance(model.output.weight, DTensor)
-        optimizer = build_optimizer(model, **HPARAMS)
-        assert _group_names(model, optimizer) == {
-            "decay": EXPECTED_DECAY,
-            "no_decay": EXPECTED_NO_DECAY,
-        }
-        before = model.output.weight.full_tensor().clone()
-        _one_step(model, optimizer)
-        assert not torch.equal(before, model.output.weight.full_tensor())
-    finally:
-        dist.destroy_process_group()
+    model = _TinyModel()
+    fully_shard(model)
+    assert isinstance(model.output.weight, DTensor)
+    optimizer = build_optimizer(model, **HPARAMS)
+    assert _group_names(model, optimizer) == {
+        "decay": EXPECTED_DECAY,
+        "no_decay": EXPECTED_NO_DECAY,
+    }
+    before = model.output.weight.full_tensor().clone()
+    _one_step(model, optimizer)
+    assert not torch.equal(before, model.output.weight.full_tensor())

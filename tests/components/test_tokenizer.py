@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from hydra_titan.components.datasets import demo_documents
 from hydra_titan.components.tokenizer import BUILTIN_TOKENIZERS, build_tokenizer, load_bpe_ranks
+
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "hydra_titan" / "assets" / "kjv_bpe_4k.tiktoken"
@@ -22,17 +22,9 @@ SAMPLE = (
 )
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train_tokenizer():
-    return _load_script("train_tokenizer")
+    return load_script("train_tokenizer")
 
 
 @pytest.fixture(scope="module", params=BUILTIN_TOKENIZERS)

@@ -8,7 +8,6 @@ Deduplication and the split run on synthetic texts whose shingle overlaps are co
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 from hydra_titan.corpus.build import BuildConfig, build
 from hydra_titan.corpus.dedup import DedupConfig, deduplicate, jaccard, shingles
 from hydra_titan.corpus.document import Document
@@ -43,14 +42,7 @@ SCRIPT = REPO / "scripts" / "build_corpus.py"
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("build_corpus", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return load_script("build_corpus")
 
 
 def no_download(argv, cwd):

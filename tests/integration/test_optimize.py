@@ -3,7 +3,6 @@ pruning of a running trainer, and the exits for bad input (no optuna, a config t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import textwrap
 
 import pytest
 
-from helpers import REPO, run_trainer
+from helpers import REPO, load_script, run_trainer
 
 optuna = pytest.importorskip("optuna")
 
@@ -30,14 +29,7 @@ def optimize(*args, env=None):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("optimize_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return load_script("optimize")
 
 
 def test_a_study_runs_resumes_and_its_best_config_trains(tmp_path):

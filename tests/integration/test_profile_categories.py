@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from helpers import REPO
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def categorise():
-    spec = importlib.util.spec_from_file_location("_script_profile_step", REPO / "scripts" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.categorise
+    return load_script("profile_step").categorise
 
 
 @pytest.mark.parametrize("name,category", [

@@ -5,7 +5,6 @@ models are tiny HYDRAs saved as dcp-to-torch files, a form load_inference_model 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "routing_healthcheck.py"
 RUN = ["--batches", "2", "--batch-size", "2", "--seq-len", "64"]
@@ -24,11 +23,7 @@ TINY = {"dim": 128, "n_heads": 2, "head_dim": 32, "max_seq_len": 128}  # vocab 4
 
 @pytest.fixture(scope="module")
 def healthcheck():
-    spec = importlib.util.spec_from_file_location("routing_healthcheck", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("routing_healthcheck")
 
 
 def tiny_hydra(**overrides) -> torch.nn.Module:

@@ -7,7 +7,6 @@ run, which proves the reading path of what the trainer writes (its training.db);
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, TINY_RUN, run_trainer
+from helpers import REPO, TINY_RUN, load_script, run_trainer
 from hydra_titan.components.scaling import FitError, fit_power_law
 from hydra_titan.config import load_config
 from hydra_titan.config.manager import save_config
@@ -27,14 +26,7 @@ TRUE_B = 0.3
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("scaling_analysis", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return load_script("scaling_analysis")
 
 
 # ---------------------------------------------------------------- the fits

@@ -3,14 +3,13 @@ and its usage errors (exit 2, before any model is built)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 SMALLEST = ["--device", "cpu", "--train-dim", "64", "--train-layers", "1",
             "--ablation-steps", "2", "--ablation-batch", "2", "--ablation-seq-len", "32", "--ablation-eval-batches", "1",
@@ -55,14 +54,7 @@ def test_a_bad_demo_name_exits_2():
 
 @pytest.fixture(scope="module")
 def demo_module():
-    spec = importlib.util.spec_from_file_location("waaagh_demo", REPO / "scripts" / "waaagh_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    return load_script("waaagh_demo")
 
 
 @pytest.mark.parametrize("args,needle", [
