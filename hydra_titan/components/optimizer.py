@@ -131,6 +131,11 @@ def _all_on_fused_devices(groups: Iterable[Mapping[str, Any]]) -> bool:
     return all(p.device.type in FUSED_DEVICES for g in groups for p in g["params"])
 
 
+def _use_fused(fused: str, groups: Iterable[Mapping[str, Any]]) -> bool:
+    """"true", or "auto" with every parameter on a device that has the fused AdamW kernel."""
+    return fused == "true" or (fused == "auto" and _all_on_fused_devices(groups))
+
+
 def _normalise_fused(fused: str | bool) -> str:
     """Accept "auto" / "true" / "false" (any case) or a bool."""
     if isinstance(fused, bool):
@@ -151,7 +156,7 @@ def _build_adamw(groups: list[dict[str, Any]], *, model: nn.Module, lr: float, b
     failing the run.
     """
     del model  # the groups say everything AdamW needs
-    use_fused = fused == "true" or (fused == "auto" and _all_on_fused_devices(groups))
+    use_fused = _use_fused(fused, groups)
     if use_fused:
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True), "fused"
@@ -194,7 +199,7 @@ def _build_muon(groups: list[dict[str, Any]], *, model: nn.Module, lr: float, be
     groups = split_muon_group(model, groups)
     muon = [g for g in groups if g["name"] == "muon"]
     adamw = [g for g in groups if g["name"] != "muon"]
-    use_fused = fused == "true" or (fused == "auto" and _all_on_fused_devices(adamw))
+    use_fused = _use_fused(fused, adamw)
     optimizer = MuonWithAdamW(muon, adamw, lr=lr, betas=betas, eps=eps, fused=use_fused, foreach=not use_fused)
     return optimizer, f"torch Muon (adjust_lr_fn={MUON_ADJUST_LR}) + {'fused' if use_fused else 'foreach'} AdamW"
 
