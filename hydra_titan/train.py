@@ -37,6 +37,7 @@ from .config.toml_writer import to_toml
 from .distributed import (DistInfo, ParallelDims, all_reduce, clip_grad_norm_, init_distributed, parallelize_decoder,
                           resolve_device_type, shutdown_and_exit)
 from .distributed.compile import eager_eval
+from .distributed.cuda_graph import CapturedMicroStep
 from .distributed.float8 import precompute_float8_scales
 from .distributed.init import init_model_weights
 from .models import ModelSpec, get_model_spec
@@ -87,6 +88,7 @@ class Trainer:
         self.dist = dist if dist is not None else init_distributed(device_type)
         self.device = self.dist.device
         self.is_rank0 = self.dist.rank == 0
+        self.captured_step = self._build_captured_step()  # before any work: it checks the device
         self.dump_folder = Path(cfg.job.dump_folder)
         self.parallel_dims = ParallelDims.resolve(cfg.parallelism.dp_replicate, cfg.parallelism.dp_shard,
                                                   self.dist.world_size)
@@ -164,6 +166,14 @@ class Trainer:
         self._skipped_steps = 0  # steps the non-finite guard skipped in this process
         self.tracker: RunTracker | None = None  # rank 0's run database, opened by restore()
 
+    def _build_captured_step(self) -> CapturedMicroStep | None:
+        """training.cuda_graph: the micro-step recorded as a CUDA graph (after two eager steps)."""
+        if not self.cfg.training.cuda_graph:
+            return None
+        if self.device.type != "cuda":
+            raise ConfigError(f"training.cuda_graph = true needs a CUDA device, but this run is on {self.device}")
+        return CapturedMicroStep(self._micro_step, warmup_steps=2)
+
     def _split_loader(self, windows: PackedWindows, split: str) -> TokenDataLoader:
         d = self.cfg.data
         return split_loader(windows, split=split, val_fraction=0.0 if d.val_path else d.val_fraction,
@@ -184,6 +194,24 @@ class Trainer:
                               dp_world_size=self.parallel_dims.dp_world_size)
 
     # ------------------------------------------------------------------ one step
+    def _micro_step(self, inputs: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor,
+                    loss_scale: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Forward, loss and backward of one micro-batch (the part `training.cuda_graph` captures).
+
+        Returns the loss parts (the total among them) and the model's routing statistics, detached.
+        `loss_scale` multiplies the loss (1 or, for the poison_loss fault, NaN); None skips it."""
+        outputs = self.model(inputs)
+        loss, parts = self.loss_fn(outputs, labels, global_tokens)
+        if loss_scale is not None:
+            loss = loss * loss_scale
+        # keep the routing statistics, not the [B, S, V] logits: held by the returned result,
+        # they would stay allocated through the next micro-batch or step
+        stats = {k: v.detach() for k, v in outputs.items() if k != "logits"}
+        del outputs
+        # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it
+        (loss * float(self.parallel_dims.dp_world_size)).backward()
+        return {"total": loss.detach(), **parts}, stats
+
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Forward/backward over the micro-batches, clip, step (skipped by the guard if the loss or the
         gradient norm is not finite). Returns device tensors (no host sync)."""
@@ -191,36 +219,33 @@ class Trainer:
         poison = self.faults.poison_loss(step) if self.faults else False
         labels_all = [labels.to(self.device, non_blocking=True) for _, labels in micro_batches]
         global_tokens = all_reduce(sum(count_target_tokens(lab) for lab in labels_all))
-        # FSDP averages gradients over dp ranks; the loss is already a global mean, so undo it
-        dp_scale = float(self.parallel_dims.dp_world_size)
+        loss_scale = None
+        if poison or self.captured_step is not None:  # a captured step always reads its scale
+            loss_scale = torch.full((), float("nan") if poison else 1.0, device=self.device)
+        run = self.captured_step or self._micro_step
         parts_sum: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         moe_load = None  # expert loads [MoE layers, E] summed over the micro-batches
         for (inputs, _), labels in zip(micro_batches, labels_all):
-            outputs = self.model(inputs.to(self.device, non_blocking=True))
-            loss, parts = self.loss_fn(outputs, labels, global_tokens)
-            if poison:
-                loss = loss * float("nan")
-            # keep the routing statistics, not the [B, S, V] logits: held by the returned result,
-            # they would stay allocated through the next micro-batch or step
-            stats = {k: v.detach() for k, v in outputs.items() if k != "logits"}
+            parts, stats = run(inputs.to(self.device, non_blocking=True), labels, global_tokens, loss_scale)
             if "moe_load" in stats:
                 moe_load = stats["moe_load"] if moe_load is None else moe_load + stats["moe_load"]
-            del outputs
-            (loss * dp_scale).backward()
-            for key, value in {"total": loss.detach(), **parts}.items():
+            for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0) + value
         if self.faults:
             self.faults.kill("kill_mid_step", step)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
         self.guard.step(parts_sum["total"], grad_norm, step)
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # a captured step adds into the gradients it was recorded with: keep them, zeroed
+        self.optimizer.zero_grad(set_to_none=self.captured_step is None)
         if moe_load is not None:
             # the step's global loads (one small device all-reduce, no host sync) move the balancing biases
             stats["moe_load"] = all_reduce(moe_load)
             update_expert_biases(self.moe_layers, stats["moe_load"])
-        if self.cfg.float8.enable and self.cfg.float8.enable_fsdp_float8_all_gather:
+        if self.cfg.float8.enable and self.cfg.float8.enable_fsdp_float8_all_gather and self.captured_step is None:
+            # (captured, the scales are computed inside the graph: precomputed ones are new tensors
+            # at every step, at addresses the recorded all-gather would not read)
             precompute_float8_scales(self.model)
         return {"parts": parts_sum, "grad_norm": grad_norm, "stats": stats}
 

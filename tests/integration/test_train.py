@@ -57,6 +57,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, args, needle):
     (["--data.source", "text", "--data.path", "README.md", "--data.val_path", "/nonexistent/val.txt"],
      "/nonexistent/val.txt"),
     (["--data.val_path", "README.md"], "data.val_path needs data.source = 'text' or 'shards', got 'demo'"),
+    (["--training.cuda_graph", "true", "--training.device", "cpu"], "training.cuda_graph = true needs a CUDA device"),
 ])
 def test_bad_model_or_data_settings_fail_at_start_up(tmp_path, args, needle):
     proc = run_train(["--training.steps", "2", *args], tmp_path)
