@@ -12,6 +12,16 @@ FLOPs (DESIGN §4), TFLOP/s, peak memory. The bf16 GEMM peak is measured once
     python scripts/benchmark.py --cases hydra:1B --float8 none tensorwise rowwise
     python scripts/benchmark.py --cases llama:1B llama:1B:moe_num_experts=8,moe_every=2   # dense vs MoE
     torchrun --nproc_per_node=2 scripts/benchmark.py --cases hydra:1B      # FSDP over 2 GPUs
+    python scripts/benchmark.py --cases hydra:1B llama:1B --batch 8 --cuda-graph off on   # whole-step capture
+
+`--compare-torchtitan ANCHOR` runs torchtitan v0.2.2's own trainer (the folder
+`bash ../shared/anchor/prepare.sh .anchor` lays out) and then our llama of its
+shape (Llama-3.2-1B: 16 layers, 32 q / 8 kv heads of 64, FFN 8192, vocab
+128256, batch 4, seq 2048) in the same process lifetime, for each of bf16 with
+selective AC, bf16 without AC and float8 with selective AC, and prints the
+tokens/s ratios:
+
+    python scripts/benchmark.py --compare-torchtitan .anchor --cuda-graph on
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import itertools
 import json
 import logging
 import math
+import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,13 +69,15 @@ def measure_gemm_peak(device: torch.device, n: int = 8192, iters: int = 20) -> f
 
 
 def trainer_argv(model: str, flavor: str, *, seq_len: int, batch: int, steps: int, ac: str, compile_: bool,
-                 float8: str = "none", fsdp_float8_all_gather: bool = False, dtype: str = "bfloat16",
+                 float8: str = "none", fsdp_float8_all_gather: bool = False, cuda_graph: bool = False,
+                 dtype: str = "bfloat16",
                  vocab_size: int = 100_352, dump_folder: str = "/tmp/hydra_titan_benchmark") -> list[str]:
     """Trainer overrides for a synthetic-token run of one case (shared with profile_step.py)."""
     argv = ["--model.name", model, "--model.flavor", flavor, "--training.seq_len", str(seq_len),
             "--training.local_batch_size", str(batch), "--training.steps", str(steps),
             "--training.mixed_precision_param", dtype, "--activation_checkpoint.mode", ac,
-            "--compile.enable", str(compile_).lower(), "--validation.enable", "false",
+            "--compile.enable", str(compile_).lower(), "--training.cuda_graph", str(cuda_graph).lower(),
+            "--validation.enable", "false",
             "--metrics.enable_tensorboard", "false", "--job.dump_folder", dump_folder,
             "--lr_scheduler.warmup_steps", "10", "--data.val_fraction", "0",
             # the flavor's real vocabulary (the built-in tokenizer only feeds the loader)
@@ -72,6 +87,27 @@ def trainer_argv(model: str, flavor: str, *, seq_len: int, batch: int, steps: in
         if float8 == "tensorwise" and fsdp_float8_all_gather:
             argv += ["--float8.enable_fsdp_float8_all_gather", "true"]
     return argv
+
+
+# torchtitan v0.2.2's Llama-3.2-1B-shaped anchor (../shared/anchor/run_tt.py) as our llama's overrides
+ANCHOR_SHAPE = {"n_layers": "16", "n_heads": "32", "n_kv_heads": "8", "head_dim": "64",
+                "ffn_dim_multiplier": "1.5", "rope_theta": "500000"}
+ANCHOR_VOCAB, ANCHOR_BATCH = 128_256, 4
+# anchor mode -> (our activation checkpointing, our float8 recipe)
+ANCHOR_MODES = {"bf16_sel": ("selective", "none"), "bf16_noac": ("none", "none"), "f8_sel": ("selective", "tensorwise")}
+
+
+def torchtitan_tokens_per_sec(anchor: Path, mode: str, out: Path) -> float:
+    """Run the anchor's trainer for `mode` and return its tokens/s per GPU: the mean of the `tps`
+    of its step-30 and step-40 log lines (each the mean over the 10 steps before it)."""
+    proc = subprocess.run(["bash", str(anchor / "run.sh"), mode], env={**os.environ, "OUT": str(out)},
+                          capture_output=True, text=True, timeout=600)
+    tps = {int(step): float(value.replace(",", "")) for step, value in
+           re.findall(r"step:\s*(\d+)\s.*?tps:\s*([\d,]+)", proc.stdout)}
+    if 30 not in tps or 40 not in tps:
+        raise RuntimeError(f"torchtitan {mode}: no step 30/40 tokens/s in its output (see {out}):\n"
+                           + (proc.stdout + proc.stderr)[-2000:])
+    return (tps[30] + tps[40]) / 2
 
 
 def parse_case(case: str) -> tuple[str, str, dict[str, str]]:
@@ -120,6 +156,9 @@ def run_case(argv: list[str], opts, dist_info: DistInfo, peak: float | None) -> 
            "mfu_exec_pct": 100 * tps * trainer.flops.executed / peak if peak else float("nan"),
            "mfu_dense_pct": 100 * tps * trainer.flops.dense / peak if peak else float("nan"),
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+           # a captured step's memory is the graph's private pool: reserved, counted here
+           "peak_reserved_gib": (torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda"
+                                 else float("nan")),
            "first_loss": losses[0], "last_loss": losses[-1],
            "finite": all(math.isfinite(x) for x in losses), "steps": opts.warmup + opts.steps}
     if "moe_load" in result["stats"]:  # the last step's global expert load, worst layer
@@ -146,16 +185,28 @@ def main() -> None:
     parser.add_argument("--ac", nargs="+", default=["selective"], choices=["none", "full", "selective"])
     parser.add_argument("--float8", nargs="+", default=["none"], choices=["none", "tensorwise", "rowwise"])
     parser.add_argument("--fsdp-float8-all-gather", action="store_true")
+    parser.add_argument("--cuda-graph", nargs="+", default=["off"], choices=["on", "off"],
+                        help="training.cuda_graph: replay each micro-step as a CUDA graph")
+    parser.add_argument("--compare-torchtitan", metavar="ANCHOR", type=Path,
+                        help="the anchor folder: run torchtitan v0.2.2 and our llama of its shape in each of "
+                             f"{', '.join(ANCHOR_MODES)}; replaces --cases, --batch, --ac, --float8, --vocab-size")
     parser.add_argument("--vocab-size", type=int, default=100_352)
     parser.add_argument("--json", default="benchmark.json", help="where to write the results")
     parser.add_argument("--dump-folder", default="/tmp/hydra_titan_benchmark")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then trainer overrides for every case")
     opts = parser.parse_args()
     opts.extra = [a for a in opts.extra if a != "--"]
+    if opts.compare_torchtitan is not None:
+        if not (opts.compare_torchtitan / "run.sh").is_file():
+            parser.error(f"--compare-torchtitan: {opts.compare_torchtitan} has no run.sh "
+                         "(lay it out with: bash ../shared/anchor/prepare.sh .anchor)")
+        opts.batch, opts.vocab_size, opts.cases = ANCHOR_BATCH, ANCHOR_VOCAB, []
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     dist_info = init_distributed(resolve_device_type("auto"))  # one group, shared by every case's Trainer
     device, rank0, world = dist_info.device, dist_info.rank == 0, dist_info.world_size
+    if opts.compare_torchtitan is not None and world > 1:
+        parser.error("--compare-torchtitan runs the one-GPU anchor: launch it without torchrun")
     gemm = measure_gemm_peak(device)
     spec_peak = peak_flops(device)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -165,28 +216,47 @@ def main() -> None:
     if rank0:
         print(json.dumps(header), flush=True)
 
+    runs = []  # (label, model, flavor, overrides, compile, ac, float8, cuda graph)
+    for (model, flavor, overrides), compile_, ac, float8, graph in itertools.product(
+            [parse_case(case) for case in opts.cases], opts.compile, opts.ac, opts.float8, opts.cuda_graph):
+        runs.append(({}, model, flavor, overrides, compile_, ac, float8, graph))  # all parsed before the first runs
+    torchtitan = {}
+    if opts.compare_torchtitan is not None:
+        out = Path(opts.json).resolve().parent
+        for mode, (ac, float8) in ANCHOR_MODES.items():
+            if rank0:  # the anchor runs before any case holds GPU memory
+                torchtitan[mode] = torchtitan_tokens_per_sec(opts.compare_torchtitan.resolve(), mode, out)
+                print(json.dumps({"torchtitan": mode, "tokens_per_sec": torchtitan[mode]}), flush=True)
+            for graph in opts.cuda_graph:
+                runs.append(({"anchor": mode}, "llama", "1B", ANCHOR_SHAPE, "on", ac, float8, graph))
+
     rows = []
-    cases = [parse_case(case) for case in opts.cases]  # all checked before the first case runs
-    for (model, flavor, overrides), compile_, ac, float8 in itertools.product(cases, opts.compile, opts.ac,
-                                                                             opts.float8):
+    for extra_label, model, flavor, overrides, compile_, ac, float8, graph in runs:
         argv = trainer_argv(model, flavor, seq_len=opts.seq_len, batch=opts.batch, steps=opts.warmup + opts.steps,
                             ac=ac, compile_=compile_ == "on", float8=float8,
-                            fsdp_float8_all_gather=opts.fsdp_float8_all_gather, dtype=opts.dtype,
-                            vocab_size=opts.vocab_size, dump_folder=opts.dump_folder) + override_argv(overrides) + opts.extra
-        label = {"model": model, "flavor": " ".join([flavor, *(f"{k}={v}" for k, v in overrides.items())]),
-                 "compile": compile_, "ac": ac, "float8": float8}
+                            fsdp_float8_all_gather=opts.fsdp_float8_all_gather, cuda_graph=graph == "on",
+                            dtype=opts.dtype, vocab_size=opts.vocab_size,
+                            dump_folder=opts.dump_folder) + override_argv(overrides) + opts.extra
+        label = {**extra_label, "model": model, "flavor": " ".join([flavor, *(f"{k}={v}" for k, v in overrides.items())]),
+                 "compile": compile_, "ac": ac, "float8": float8, "cuda_graph": graph}
         try:
             row = {**label, **run_case(argv, opts, dist_info, spec_peak)}
         except Exception as e:  # keep going: one failing case must not hide the others
             logger.exception("case %s failed", label)
             row = {**label, "error": f"{type(e).__name__}: {e}"}
+        if "anchor" in row and "tokens_per_sec_per_device" in row:
+            row["torchtitan_tokens_per_sec"] = torchtitan[row["anchor"]]
+            row["ratio_to_torchtitan"] = row["tokens_per_sec_per_device"] / torchtitan[row["anchor"]]
         rows.append(row)
         if rank0:
             print(json.dumps(row), flush=True)
 
     if rank0:
-        cols = ["model", "flavor", "compile", "ac", "float8", "tokens_per_sec_per_device", "step_ms",
-                "mfu_exec_pct", "mfu_dense_pct", "tflops_exec", "peak_mem_gib", "first_loss", "last_loss"]
+        cols = ["model", "flavor", "compile", "ac", "float8", "cuda_graph", "tokens_per_sec_per_device", "step_ms",
+                "mfu_exec_pct", "mfu_dense_pct", "tflops_exec", "peak_mem_gib", "peak_reserved_gib", "first_loss",
+                "last_loss"]
+        if torchtitan:
+            cols = ["anchor", *cols, "torchtitan_tokens_per_sec", "ratio_to_torchtitan"]
         if any("moe_load_max_over_min" in row for row in rows):
             cols.append("moe_load_max_over_min")
         print(f"\n{header['device']}, torch {header['torch']}, {world} rank(s), seq {opts.seq_len}, "

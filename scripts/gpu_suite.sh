@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
+#   bash scripts/gpu_suite.sh tests|graph|tt-compare|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -53,6 +53,18 @@ decode)
 waaagh)
     # the seed's four demonstrations; the speed table at the 100M width beside llama
     python3 scripts/waaagh_demo.py --json "$OUT/waaagh_demo.json" 2>&1 | grep -v -i warn | tee "$OUT/waaagh_demo.txt" ;;
+graph)
+    # training.cuda_graph: replayed vs uncaptured steps (bitwise), then CASES at BATCH captured and not
+    python3 -m pytest -m gpu tests/gpu/test_cuda_graph_step.py -q -p no:cacheprovider > "$OUT/graph_tests.txt" 2>&1
+    grep -E "passed|failed|Error|^FAILED|^ERROR|assert" "$OUT/graph_tests.txt" | tail -30
+    python3 scripts/benchmark.py --cases ${CASES:-hydra:100M llama:100M} --batch "${BATCH:-16}" --steps "${STEPS:-15}" \
+        --warmup "${WARMUP:-6}" --cuda-graph off on --json "$OUT/bench_graph_b${BATCH:-16}.json" 2>&1 \
+        | grep "^| \|Error\|error" | tee -a "$OUT/bench_graph.txt" ;;
+tt-compare)
+    # torchtitan v0.2.2 (the anchor, carried as .anchor) beside our llama of its shape, bf16 sel / no AC / float8
+    python3 scripts/benchmark.py --compare-torchtitan .anchor --cuda-graph ${GRAPH:-on} --steps "${STEPS:-20}" \
+        --warmup "${WARMUP:-8}" --json "$OUT/tt_compare.json" 2>&1 | grep "^| \|^{\"torchtitan\|Error\|error" \
+        | tee "$OUT/tt_compare.txt" ;;
 tests)
     python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
 bench-*)
