@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .components.checkpoint import CheckpointError, CheckpointManager
-from .components.dataloader import PackedWindows, TokenDataLoader, heldout_loader, load_windows, split_loader
+from .components.dataloader import (FILE_SOURCES, PackedWindows, TokenDataLoader, heldout_loader, load_windows,
+                                    split_loader)
 from .components.faults import FaultInjector
 from .components.loss import build_loss_fn, bytes_of_targets, count_target_tokens
 from .components.lr_scheduler import build_lr_scheduler, fit_warmup
@@ -111,8 +112,10 @@ class Trainer:
         self.val_loader = self._val_loader(windows) if cfg.validation.enable else None
         if self.val_loader is not None and len(self.val_loader) == 0:
             # reporting a loss over zero tokens would print 0.0 as if it were one
-            logger.warning("validation is off: the validation split holds less than one global batch "
-                           "(raise data.val_fraction, or lower training.seq_len / local_batch_size)")
+            where = "data.val_path holds" if cfg.data.val_path else "the validation split holds"
+            fix = "a larger data.val_path" if cfg.data.val_path else "raise data.val_fraction"
+            logger.warning("validation is off: %s less than one global batch (%s, or lower training.seq_len / "
+                           "local_batch_size)", where, fix)
             self.val_loader = None
         self.spec = get_model_spec(cfg.model.name)
         self.model_args = resolve_model_args(self.spec, cfg, self.tokenizer)
@@ -185,8 +188,9 @@ class Trainer:
         d = self.cfg.data
         if not d.val_path:
             return self._split_loader(windows, "val") if d.val_fraction > 0 else None
-        if d.source not in ("text", "shards"):
-            raise ConfigError(f"data.val_path needs data.source = 'text' or 'shards', got {d.source!r}")
+        if d.source not in FILE_SOURCES:
+            raise ConfigError(f"data.val_path needs data.source = {' or '.join(map(repr, FILE_SOURCES))}, "
+                              f"got {d.source!r}")
         held_out = load_windows(source=d.source, path=d.val_path, tokenizer=self.tokenizer,
                                 seq_len=self.cfg.training.seq_len, text_field=d.text_field, hf_name=d.hf_name,
                                 hf_split=d.hf_split)

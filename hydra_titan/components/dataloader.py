@@ -29,10 +29,11 @@ from hydra_titan.components.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DATA_SOURCES", "IndexPermutation", "PackedWindows", "TokenDataLoader", "build_dataloader",
+__all__ = ["DATA_SOURCES", "FILE_SOURCES", "IndexPermutation", "PackedWindows", "TokenDataLoader", "build_dataloader",
            "heldout_loader", "load_windows", "split_loader"]
 
 DATA_SOURCES = ("demo", "text", "shards", "hf")
+FILE_SOURCES = ("text", "shards")  # the sources that read `path` (the others name a corpus, not files)
 SPLITS = ("train", "val")
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

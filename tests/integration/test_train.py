@@ -212,3 +212,14 @@ def test_val_path_validates_on_a_held_out_set_and_trains_on_all_of_data_path(tmp
     train_a = [r["loss/ce"] for r in read_metrics(tmp_path / "a") if "loss/ce" in r]
     assert train_a == [r["loss/ce"] for r in read_metrics(tmp_path / "b") if "loss/ce" in r]
 
+
+def test_a_val_path_smaller_than_a_batch_turns_validation_off_naming_val_path(tmp_path):
+    train = _text_file(tmp_path / "train.txt", ["the", "lord", "said", "unto", "moses", "and", "israel"], 400)
+    tiny = _text_file(tmp_path / "tiny.txt", ["light", "darkness"], 10)  # under one window of 65 tokens
+    proc = run_train(["--training.steps", "2", "--data.source", "text", "--data.path", str(train),
+                      "--data.val_path", str(tiny)], tmp_path / "run")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "validation is off: data.val_path holds less than one global batch (a larger data.val_path" in out
+    assert "val_fraction" not in out.split("validation is off")[1].splitlines()[0]
+
