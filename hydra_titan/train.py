@@ -170,7 +170,7 @@ class Trainer:
         self.tracker: RunTracker | None = None  # rank 0's run database, opened by restore()
 
     def _build_captured_step(self) -> CapturedMicroStep | None:
-        """training.cuda_graph: the micro-step recorded as a CUDA graph (after two eager steps)."""
+        """training.cuda_graph: the micro-step recorded as a CUDA graph (after two eager micro-batches)."""
         if not self.cfg.training.cuda_graph:
             return None
         if self.device.type != "cuda":

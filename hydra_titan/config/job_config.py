@@ -116,9 +116,10 @@ class Training:
     z_loss_weight: float = opt(0.0, "multiplier of the logit z-loss", bounds=NON_NEGATIVE)
     chunked_ce: bool = opt(False, "compute cross-entropy in sequence chunks to save memory")
     ce_chunk_size: int = opt(4096, "tokens per chunk when chunked_ce is on", bounds=POSITIVE)
-    cuda_graph: bool = opt(False, "record each micro-batch's forward + loss + backward as one CUDA graph after "
-                           "two eager steps and replay it (CUDA only; the optimizer, clipping and validation stay "
-                           "outside); removes the host's launch cost, which bounds routed steps at small batches")
+    cuda_graph: bool = opt(False, "record a micro-batch's forward + loss + backward as one CUDA graph after two "
+                           "eager micro-batches and replay it for every later one (CUDA only; the optimizer, "
+                           "clipping and validation stay outside); removes the host's launch cost, which bounds "
+                           "routed steps at small batches")
     gc_freq: int = opt(50, "run Python garbage collection every this many steps", bounds=POSITIVE)
     max_skipped_steps: int = opt(5, "a step whose loss or gradient norm is not finite is skipped (no update; the "
                                  "lr schedule and data move on); this many in a row stop the run", bounds=POSITIVE)
