@@ -76,3 +76,38 @@ def test_replays_read_new_inputs_and_results_survive_the_next_replay():
     assert [o[1]["max"].item() for o in outs] == [0.0, 1.0, 2.0, 3.0, 4.0]
     with pytest.raises(CaptureError, match="changed from"):
         captured(torch.ones(9, device="cuda"), scale)
+
+
+def _train(dump: Path, *args: str) -> tuple[list[dict], str]:
+    """train.py on the debug HYDRA (bf16, compile), validation every 4 steps, a checkpoint every 3."""
+    cmd = [sys.executable, "train.py", "--config", "train_configs/debug.toml", *COMMON, "--validation.enable", "true", "--validation.freq", "4",
+           "--validation.steps", "2", "--checkpoint.enable", "true", "--checkpoint.interval", "3",
+           "--lr_scheduler.decay_type", "constant", "--lr_scheduler.warmup_steps", "2",  # lr independent of steps
+           "--metrics.log_freq", "1", "--job.dump_folder", str(dump), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()], proc.stdout
+
+
+def test_the_train_loop_validates_checkpoints_and_resumes_under_cuda_graph(tmp_path):
+    """Validation (eager, eval routing) between replays, a checkpoint, and a resume that warms up and
+    captures again: the captured run follows the uncaptured one's losses, before and after the resume."""
+    def series(rows, key):
+        return {r["step"]: r[key] for r in rows if key in r}
+
+    eager, _ = _train(tmp_path / "eager", "--training.steps", "10", "--training.cuda_graph", "false")
+    captured, _ = _train(tmp_path / "captured", "--training.steps", "10", "--training.cuda_graph", "true")
+    _train(tmp_path / "resumed", "--training.steps", "7", "--training.cuda_graph", "true")
+    resumed, log = _train(tmp_path / "resumed", "--training.steps", "10", "--training.cuda_graph", "true")
+    assert "resuming at step 7" in log
+    want = series(eager, "loss/total")
+    assert sorted(want) == list(range(1, 11))
+    for rows in (captured, resumed):
+        got = series(rows, "loss/total")
+        assert sorted(got) == sorted(want)
+        # not bitwise here: no deterministic mode, so atomics may differ in the last bits
+        assert all(abs(got[s] - want[s]) <= 2e-3 * abs(want[s]) for s in want), (got, want)
+        val_got, val_want = series(rows, "validation/loss"), series(eager, "validation/loss")
+        assert sorted(val_want) == [4, 8, 10]  # (the resumed folder also holds its first run's step 7)
+        assert all(abs(val_got[s] - val_want[s]) <= 2e-3 * val_want[s] for s in val_want), (val_got, val_want)
