@@ -52,10 +52,6 @@ class CapturedMicroStep:
         self.stream: torch.cuda.Stream | None = None
         self.replays = 0
 
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
     def _check(self, args: tuple[torch.Tensor, ...]) -> None:
         for i, arg in enumerate(args):
             if arg.device.type != "cuda":
