@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|graph|tt-compare|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
+#   bash scripts/gpu_suite.sh tests|graph|routing|tt-compare|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -60,6 +60,16 @@ graph)
     python3 scripts/benchmark.py --cases ${CASES:-hydra:100M llama:100M} --batch "${BATCH:-16}" --steps "${STEPS:-15}" \
         --warmup "${WARMUP:-6}" --cuda-graph off on --json "$OUT/bench_graph_b${BATCH:-16}.json" 2>&1 \
         | grep "^| \|Error\|error" | tee -a "$OUT/bench_graph.txt" ;;
+routing)
+    # the Triton top-k routing kernel: GPU tests against the torch path, the per-selection timing, then
+    # CASES (default hydra 100M) at BATCH (default 16), captured, with the kernel and with torch's topk
+    python3 -m pytest -m gpu tests/gpu/test_topk_route_cuda.py -q -p no:cacheprovider > "$OUT/routing_tests.txt" 2>&1
+    grep -E "passed|failed|Error|^FAILED|^ERROR|assert" "$OUT/routing_tests.txt" | tail -30
+    python3 scripts/routing_benchmark.py --json "$OUT/routing_kernel.json" 2>&1 | grep -v -i warn | tee "$OUT/routing.txt"
+    F=${FLAVOR:-100M}
+    python3 scripts/benchmark.py --cases hydra:$F:routing_kernel=torch hydra:$F llama:$F --batch "${BATCH:-16}" \
+        --steps "${STEPS:-15}" --warmup "${WARMUP:-6}" --cuda-graph on --json "$OUT/bench_routing_$F.json" 2>&1 \
+        | grep "^| \|Error\|error" | tee -a "$OUT/routing.txt" ;;
 tt-compare)
     # torchtitan v0.2.2 (the anchor, carried as .anchor) beside our llama of its shape, bf16 sel / no AC / float8
     python3 scripts/benchmark.py --compare-torchtitan .anchor --cuda-graph ${GRAPH:-on} --steps "${STEPS:-20}" \

@@ -117,10 +117,11 @@ def test_compiled_routing_gather_scatter_match_torch_ops_on_cuda():
 
     fp32, so that only indexing can differ: in bf16 the fused kernel skips the rounding of the
     product that eager does (the compiled HydraLayer test covers bf16 with a bf16 tolerance)."""
-    from hydra_titan.models.common.routing import gather_tokens, scatter_add_tokens, topk_indices
+    from hydra_titan.kernels.topk_route import topk_route_torch
+    from hydra_titan.models.common.routing import gather_tokens, scatter_add_tokens
 
     x = torch.randn(4, 2048, 512, device="cuda")
-    idx = topk_indices(torch.randn(4, 2048, device="cuda"), 768)
+    idx, _ = topk_route_torch(torch.randn(4, 2048, device="cuda"), 768)
     w = torch.randn(4, 768, 512, device="cuda")
 
     def ours(x, w):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hydra_titan.models.hydra import HydraModel
 from hydra_titan.models.hydra.args import HYDRA_FLAVORS, HydraModelArgs
 from hydra_titan.models.common.mod import MoDRouter
-from hydra_titan.models.common.routing import static_capacity, threshold_indices, topk_indices
+from hydra_titan.models.common.routing import static_capacity, threshold_indices
 
 
 class RecordingInner:
@@ -110,11 +110,6 @@ def test_threshold_indices_pad_to_largest_count():
     assert idx[0].tolist() == [0, 2, 3] and valid[0].tolist() == [True, True, True]
     assert idx[1, 0].item() == 2 and valid[1].tolist() == [True, False, False]
     assert valid[2].tolist() == [False, False, False]
-
-
-def test_topk_indices_are_sorted():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.8, 0.0]])
-    assert topk_indices(scores, 3).tolist() == [[1, 2, 3]]
 
 
 def test_soft_mode_processes_every_token_and_weights_by_sigmoid():

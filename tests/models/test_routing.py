@@ -7,13 +7,14 @@ reference is the plain torch op, in value and in gradient, eager and compiled.
 import pytest
 import torch
 
-from hydra_titan.models.common.routing import gather_tokens, router_logits, scatter_add_tokens, topk_indices
+from hydra_titan.kernels.topk_route import topk_route_torch
+from hydra_titan.models.common.routing import gather_tokens, router_logits, scatter_add_tokens
 
 
 def _case(dtype, b=3, n=17, k=6, e=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, n, e, generator=gen).to(dtype)
-    idx = topk_indices(torch.randn(b, n, generator=gen), k)
+    idx, _ = topk_route_torch(torch.randn(b, n, generator=gen), k)
     update = torch.randn(b, k, e, generator=gen).to(dtype)
     return x, idx, update
 

@@ -22,20 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.topk_route import get_topk_route
 from .init import trunc_normal_
-from .routing import (gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices,
-                      topk_indices)
+from .routing import gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices
 
 # inner(x_sel, positions_sel, valid) -> (residual update, stats of the inner block)
 InnerFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
 
 
 class MoDRouter(nn.Module):
-    def __init__(self, dim: int, capacity: float, mode: str = "topk", eval_routing: str = "threshold"):
+    def __init__(self, dim: int, capacity: float, mode: str = "topk", eval_routing: str = "threshold",
+                 routing_kernel: str = "triton"):
         super().__init__()
         self.capacity = capacity
         self.mode = mode
         self.eval_routing = eval_routing
+        self.select_topk = get_topk_route(routing_kernel)
         self.router = nn.Linear(dim, 1, bias=False)
 
     def routing_mode(self) -> str:
@@ -53,7 +55,7 @@ class MoDRouter(nn.Module):
         if mode == "soft":
             return self._soft(x, positions, logits, inner, token_valid)
         if mode == "topk":
-            idx = topk_indices(logits, static_capacity(self.capacity, x.shape[1]))
+            idx, target = self.select_topk(logits, static_capacity(self.capacity, x.shape[1]))
             valid = None
         else:  # threshold: sigmoid(r) > 0.5, causal
             idx, valid = threshold_indices(logits > 0 if token_valid is None else (logits > 0) & token_valid)
@@ -65,7 +67,6 @@ class MoDRouter(nn.Module):
         out = scatter_add_tokens(x, idx, (weight.unsqueeze(-1) * delta).to(x.dtype))
 
         if mode == "topk":
-            target = torch.zeros_like(logits).scatter(1, idx, 1.0)
             stats["mod_aux"] = F.binary_cross_entropy_with_logits(logits, target)
             stats["mod_frac"] = logits.new_full((), idx.shape[1] / x.shape[1])  # a fill, no host-to-device copy
         else:

@@ -1,8 +1,8 @@
 """Token selection, gather and scatter shared by MoD and MoR (DESIGN §3.4).
 
-Training uses a static k per sequence (top-k, then `sort` so the selected
-tokens keep their causal order): shapes never depend on data and a routed block
-compiles whole. Evaluation selects by threshold, which is causal; its counts
+Training uses a static k per sequence (top-k, the selected tokens kept in
+their causal order: `kernels/topk_route.py`, a Triton op on CUDA): shapes never
+depend on data and a routed block compiles whole. Evaluation selects by threshold, which is causal; its counts
 vary per sequence, so the selection is right-padded to the batch's largest
 count with a `valid` mask. Right padding cannot influence real tokens: every
 operation inside a block (convolutions, value shift, attention) is causal.
@@ -27,11 +27,6 @@ def kept_counts(capacities: tuple[float, ...], n_tokens: int) -> list[int]:
     model, its depth histogram and the FLOP count all read them from here.
     """
     return [static_capacity(c, n_tokens) for c in capacities]
-
-
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the k highest scores of each row [B, N], in increasing order."""
-    return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 def threshold_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

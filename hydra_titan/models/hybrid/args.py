@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ...kernels.topk_route import get_topk_route
 from ..common.args import check_positive, replace_args
 from ..common.ssm import SSMConfig
 from ..llama.args import LlamaModelArgs
@@ -35,6 +36,7 @@ class HybridModelArgs(LlamaModelArgs):
     attn_capacity: float = 0.15
     router_aux_weight: float = 0.01
     eval_routing: str = "threshold"
+    routing_kernel: str = "triton"   # v2's top-k selection (kernels/topk_route.py): "triton" on CUDA, or "torch"
     # v3: tokens per summary at each level of the global SSM (an int or a list)
     global_chunk: Any = (64,)
     global_expand: int = 1
@@ -57,6 +59,7 @@ class HybridModelArgs(LlamaModelArgs):
             raise ValueError(f"attn_capacity must be in (0, 1], got {self.attn_capacity}")
         if self.eval_routing not in ("threshold", "topk"):
             raise ValueError(f"eval_routing must be 'threshold' or 'topk', got {self.eval_routing!r}")
+        get_topk_route(self.routing_kernel)  # ValueError naming the choices
         chunks = (self.global_chunk,) if isinstance(self.global_chunk, int) else tuple(self.global_chunk)
         if not chunks or any(not isinstance(c, int) or c <= 0 for c in chunks):
             raise ValueError(f"global_chunk must be a positive int or a non-empty list of them, got {self.global_chunk!r}")

@@ -101,7 +101,7 @@ class RoutedLayer(nn.Module):
         self.ssm = Mamba2Mixer(args.dim, args.ssm_config, args.norm_eps)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = GQAttention(args)
-        self.mod = MoDRouter(args.dim, args.attn_capacity, "topk", args.eval_routing)
+        self.mod = MoDRouter(args.dim, args.attn_capacity, "topk", args.eval_routing, args.routing_kernel)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = build_feed_forward(args.dim, args.ffn_hidden_dim, args if moe else None)
 

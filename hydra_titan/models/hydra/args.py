@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ...kernels.topk_route import TOPK_ROUTE_KERNELS
 from ..common.args import check_heads, check_positive, replace_args
 from ..common.ffn import swiglu_hidden_dim
 from ..common.moe import MoEArgs
@@ -24,6 +25,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mod_mode": ("topk", "soft"),
     "mor_mode": ("topk", "gaussian"),
     "eval_routing": ("threshold", "topk"),
+    "routing_kernel": tuple(TOPK_ROUTE_KERNELS),
 }
 
 
@@ -50,6 +52,8 @@ class HydraModelArgs(MoEArgs):
     conv_kernel_ch: int = 2     # per-head channel-mixing causal conv
     value_shift: bool = True    # the last floor(n_kv_heads/2) KV heads read the previous token's value
     attn_backend: str = "sdpa"
+    # top-k selection of MoD and MoR (kernels/topk_route.py): "triton" on CUDA (else torch), or "torch"
+    routing_kernel: str = "triton"
     # Mixture-of-Depths
     mod_capacity: float = 0.75
     mod_every: int = 1          # route blocks i with (i+1) % mod_every == 0; 0 = no MoD

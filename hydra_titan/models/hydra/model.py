@@ -29,7 +29,8 @@ class HydraLayer(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.mor = MoRBlock(args, moe=args.is_block_moe(layer_id))
-        self.mod = (MoDRouter(args.dim, args.mod_capacity, args.mod_mode, args.eval_routing)
+        self.mod = (MoDRouter(args.dim, args.mod_capacity, args.mod_mode, args.eval_routing,
+                              args.routing_kernel)
                     if args.is_mod_layer(layer_id) else None)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.topk_route import get_topk_route
 from ..common.cache import CacheView, child_view
 from ..common.init import trunc_normal_
 from ..common.moe import merge_moe_stats
+from ..common.routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
+                              threshold_indices)
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
-from ..common.routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
-                      threshold_indices, topk_indices)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -52,6 +53,7 @@ class MoRBlock(nn.Module):
         self.alpha = args.mor_router_alpha
         self.sigma = args.mor_gaussian_sigma
         self.z_loss = args.mor_z_loss_weight > 0
+        self.select_topk = get_topk_route(args.routing_kernel)
         self.block = CCGQABlock(args, moe=moe)
         self.routers = nn.ModuleList(nn.Linear(args.dim, 1, bias=False) for _ in range(args.recursions))
         self.recursion_emb = nn.Parameter(torch.empty(args.recursions, args.dim))
@@ -87,11 +89,7 @@ class MoRBlock(nn.Module):
         for step in range(self.recursions):
             logits = router_logits(h, self.routers[step].weight)   # one dot product per token
             act_logits = _take(logits, active)
-            sel, sel_valid, target = self._select_step(act_logits, active_valid, step, n_tokens)
-            if sel is None:       # everyone still active continues
-                idx, sel_valid = active, active_valid
-            else:
-                idx = sel if active is None else gather_tokens(active, sel)
+            idx, sel_valid, target = self._select_step(act_logits, active, active_valid, step, n_tokens)
 
             gate = torch.sigmoid(_take(logits, idx)) * self.alpha
             if sel_valid is not None:
@@ -124,23 +122,26 @@ class MoRBlock(nn.Module):
         }
         return h - x, stats
 
-    def _select_step(self, act_logits, active_valid, step, n_tokens):
-        """Selection at `step`: k_r = ceil(cap_r * N) of the N tokens that entered the block."""
+    def _select_step(self, act_logits, active, active_valid, step, n_tokens):
+        """Selection at `step`: k_r = ceil(cap_r * N) of the N tokens that entered the block.
+
+        Returns (positions into x of the kept tokens, their valid mask, the BCE target of the
+        active tokens); positions None = every token of x still runs (step 0 at capacity 1)."""
         n_active = act_logits.shape[1]
         if self.routing_mode() == "topk":
             k = static_capacity(self.capacities[step], n_tokens)
-            if k >= n_active:
-                return None, None, torch.ones_like(act_logits)
-            sel = topk_indices(act_logits, k)
-            return sel, None, torch.zeros_like(act_logits).scatter(1, sel, 1.0)
+            if k >= n_active:         # everyone still active continues
+                return active, active_valid, torch.ones_like(act_logits)
+            idx, target = self.select_topk(act_logits, k, active)
+            return idx, None, target
         # threshold (eval, causal): full-capacity steps keep every active token, as in training
         if self.capacities[step] >= 1.0:
-            return None, None, None
+            return active, active_valid, None
         keep = act_logits > 0
         if active_valid is not None:
             keep = keep & active_valid
         sel, sel_valid = threshold_indices(keep)
-        return sel, sel_valid, None
+        return (sel if active is None else gather_tokens(active, sel)), sel_valid, None
 
     def _static_depth_histogram(self, n_tokens: int, device: torch.device) -> torch.Tensor:
         """Top-k routing keeps k_r = ceil(cap_r * N) tokens at step r: the depth histogram is known."""
