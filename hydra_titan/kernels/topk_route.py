@@ -42,7 +42,6 @@ def _triton_impl():
     return importlib.import_module(".topk_route_triton", __package__)  # imports triton
 
 
-@functools.cache
 def _triton_importable() -> bool:
     try:
         _triton_impl()
@@ -63,8 +62,11 @@ def _(scores, k, source):
 
 def topk_route_triton(scores: torch.Tensor, k: int, source: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton op where it applies (CUDA, Triton importable, a row that fits), else the torch path."""
-    if not (scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_ROW and _triton_importable()):
+    """The Triton op where it applies (CUDA, a row that fits), else the torch path.
+
+    Only tensor metadata is read here, so torch.compile traces the choice; whether Triton imports
+    is settled once, by `get_topk_route`, outside any compiled code."""
+    if not (scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_ROW):
         return topk_route_torch(scores, k, source)
     return _topk_route_op(scores.detach(), k, source)
 
@@ -74,7 +76,8 @@ TOPK_ROUTE_KERNELS: dict[str, TopkRouteFn] = {"triton": topk_route_triton, "torc
 
 def get_topk_route(name: str) -> TopkRouteFn:
     """The selection function of `routing_kernel` = name (ValueError naming the choices otherwise)."""
-    try:
-        return TOPK_ROUTE_KERNELS[name]
-    except KeyError:
-        raise ValueError(f"unknown routing_kernel {name!r}; known: {sorted(TOPK_ROUTE_KERNELS)}") from None
+    if name not in TOPK_ROUTE_KERNELS:
+        raise ValueError(f"unknown routing_kernel {name!r}; known: {sorted(TOPK_ROUTE_KERNELS)}")
+    if name == "triton" and not _triton_importable():
+        return topk_route_torch  # no Triton on this machine: the torch path everywhere
+    return TOPK_ROUTE_KERNELS[name]
