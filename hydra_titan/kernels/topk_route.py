@@ -42,6 +42,7 @@ def _triton_impl():
     return importlib.import_module(".topk_route_triton", __package__)  # imports triton
 
 
+@functools.cache
 def _triton_importable() -> bool:
     try:
         _triton_impl()
@@ -74,10 +75,15 @@ def topk_route_triton(scores: torch.Tensor, k: int, source: torch.Tensor | None 
 TOPK_ROUTE_KERNELS: dict[str, TopkRouteFn] = {"triton": topk_route_triton, "torch": topk_route_torch}
 
 
-def get_topk_route(name: str) -> TopkRouteFn:
-    """The selection function of `routing_kernel` = name (ValueError naming the choices otherwise)."""
+def check_routing_kernel(name: str) -> None:
+    """ValueError naming the choices for an unknown `routing_kernel` (no Triton import: args use it)."""
     if name not in TOPK_ROUTE_KERNELS:
         raise ValueError(f"unknown routing_kernel {name!r}; known: {sorted(TOPK_ROUTE_KERNELS)}")
+
+
+def get_topk_route(name: str) -> TopkRouteFn:
+    """The selection function of `routing_kernel` = name (ValueError naming the choices otherwise)."""
+    check_routing_kernel(name)
     if name == "triton" and not _triton_importable():
         return topk_route_torch  # no Triton on this machine: the torch path everywhere
     return TOPK_ROUTE_KERNELS[name]

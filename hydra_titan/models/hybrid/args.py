@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...kernels.topk_route import get_topk_route
+from ...kernels.topk_route import check_routing_kernel
 from ..common.args import check_positive, replace_args
 from ..common.ssm import SSMConfig
 from ..llama.args import LlamaModelArgs
@@ -59,7 +59,7 @@ class HybridModelArgs(LlamaModelArgs):
             raise ValueError(f"attn_capacity must be in (0, 1], got {self.attn_capacity}")
         if self.eval_routing not in ("threshold", "topk"):
             raise ValueError(f"eval_routing must be 'threshold' or 'topk', got {self.eval_routing!r}")
-        get_topk_route(self.routing_kernel)  # ValueError naming the choices
+        check_routing_kernel(self.routing_kernel)
         chunks = (self.global_chunk,) if isinstance(self.global_chunk, int) else tuple(self.global_chunk)
         if not chunks or any(not isinstance(c, int) or c <= 0 for c in chunks):
             raise ValueError(f"global_chunk must be a positive int or a non-empty list of them, got {self.global_chunk!r}")
