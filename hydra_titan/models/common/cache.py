@@ -16,7 +16,7 @@ prompts of a batch have different lengths, and a routed block gets a right-padde
 * SSM states: a padding token gets no input and no decay (the mixer's own code).
 
 Decoding runs in eval mode (threshold routing). A one-token step (T = 1) has static shapes and no
-host sync (every routing selection then has exactly one slot) and updates every state tensor in
+host sync (a routed block masks its one token instead of selecting) and updates every state tensor in
 place, K/V at a device-side offset over the whole preallocated buffer: so the step can be recorded
 once as a CUDA graph and replayed (`components/generation.py::CapturedDecodeStep`). A prefill
 (T > 1) routes by data-dependent counts and runs eagerly.

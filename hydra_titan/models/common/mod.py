@@ -24,7 +24,7 @@ from torch import nn
 
 from ...kernels.topk_route import get_topk_route
 from .init import trunc_normal_
-from .routing import gather_tokens, router_logits, scatter_add_tokens, static_capacity, threshold_indices
+from .routing import router_logits, scatter_add_tokens, static_capacity, take_tokens, threshold_indices
 
 # inner(x_sel, positions_sel, valid) -> (residual update, stats of the inner block)
 InnerFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
@@ -58,13 +58,16 @@ class MoDRouter(nn.Module):
             idx, target = self.select_topk(logits, static_capacity(self.capacity, x.shape[1]))
             valid = None
         else:  # threshold: sigmoid(r) > 0.5, causal
-            idx, valid = threshold_indices(logits > 0 if token_valid is None else (logits > 0) & token_valid)
+            keep = logits > 0 if token_valid is None else (logits > 0) & token_valid
+            # a decode step's one token runs the block or not: no selection to gather, `valid` masks it
+            idx, valid = (None, keep) if x.shape[1] == 1 else threshold_indices(keep)
 
-        delta, stats = inner(gather_tokens(x, idx), gather_tokens(positions, idx), valid)
-        weight = torch.sigmoid(gather_tokens(logits, idx))
+        delta, stats = inner(take_tokens(x, idx), take_tokens(positions, idx), valid)
+        weight = torch.sigmoid(take_tokens(logits, idx))
         if valid is not None:
             weight = weight * valid
-        out = scatter_add_tokens(x, idx, (weight.unsqueeze(-1) * delta).to(x.dtype))
+        update = (weight.unsqueeze(-1) * delta).to(x.dtype)
+        out = x + update if idx is None else scatter_add_tokens(x, idx, update)
 
         if mode == "topk":
             stats["mod_aux"] = F.binary_cross_entropy_with_logits(logits, target)

@@ -34,11 +34,9 @@ def threshold_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns (idx [B, K], valid [B, K]) with K = the largest count in the batch
     (at least 1, so blocks never see an empty sequence). Padding entries point
-    at unselected positions and are marked invalid. Eval-only: reads K on the host, except for
-    one token (N = 1, a decode step), where K is 1 whatever the mask says: no host sync there.
+    at unselected positions and are marked invalid. Eval-only: reads K on the host (a decode step's
+    one token needs no selection: MoD and MoR mask it instead, with no host sync).
     """
-    if mask.shape[-1] == 1:
-        return torch.zeros_like(mask, dtype=torch.long), mask.clone()
     counts = mask.sum(dim=-1)
     k = max(1, int(counts.max()))
     # a stable descending sort of the mask puts the selected positions first, in order
@@ -110,6 +108,11 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         return x.gather(1, index)
     return _GatherDistinct.apply(x, index)
+
+
+def take_tokens(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """gather_tokens(x, idx), or x itself for idx None: every token of x is selected."""
+    return x if idx is None else gather_tokens(x, idx)
 
 
 def scatter_add_tokens(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

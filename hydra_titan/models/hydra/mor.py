@@ -27,13 +27,9 @@ from ..common.cache import CacheView, child_view
 from ..common.init import trunc_normal_
 from ..common.moe import merge_moe_stats
 from ..common.routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
-                              threshold_indices)
+                              take_tokens, threshold_indices)
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return x if idx is None else gather_tokens(x, idx)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -88,15 +84,15 @@ class MoRBlock(nn.Module):
         aux, z, ponder, ffn_stats = [], [], [], []
         for step in range(self.recursions):
             logits = router_logits(h, self.routers[step].weight)   # one dot product per token
-            act_logits = _take(logits, active)
+            act_logits = take_tokens(logits, active)
             idx, sel_valid, target = self._select_step(act_logits, active, active_valid, step, n_tokens)
 
-            gate = torch.sigmoid(_take(logits, idx)) * self.alpha
+            gate = torch.sigmoid(take_tokens(logits, idx)) * self.alpha
             if sel_valid is not None:
                 gate = gate * sel_valid
-            block_in = _take(h, idx) + self.recursion_emb[step].to(h.dtype)
+            block_in = take_tokens(h, idx) + self.recursion_emb[step].to(h.dtype)
             step_cache = child_view(cache, f"step{step}", sel_valid)
-            delta, step_stats = self.block.residual_update(block_in, _take(positions, idx), rope_cache, step_cache)
+            delta, step_stats = self.block.residual_update(block_in, take_tokens(positions, idx), rope_cache, step_cache)
             ffn_stats.append(step_stats)
             update = (gate.unsqueeze(-1) * delta).to(h.dtype)
             h = h + update if idx is None else scatter_add_tokens(h, idx, update)
@@ -140,6 +136,8 @@ class MoRBlock(nn.Module):
         keep = act_logits > 0
         if active_valid is not None:
             keep = keep & active_valid
+        if n_active == 1:  # a decode step's one token continues or not: nothing to gather, `keep` masks it
+            return active, keep, None
         sel, sel_valid = threshold_indices(keep)
         return (sel if active is None else gather_tokens(active, sel)), sel_valid, None
 
