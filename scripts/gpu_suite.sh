@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install carried wheels, run the GPU tests, run the benchmarks.
 # Results (logs, JSON) go to $OUT (default ./gpu_results). Used with the device tool:
-#   bash scripts/gpu_suite.sh tests|graph|routing|tt-compare|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
+#   bash scripts/gpu_suite.sh tests|graph|routing|decode-profile|tt-compare|bench-100M|bench-1B|fsdp2|profile|perf|batch-8|float8-8|float8-4B|ckpt|moe-<family>|ssd|hybrid|decode|waaagh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
@@ -50,6 +50,14 @@ decode)
     grep -E "passed|failed|Error|^FAILED|^ERROR|assert" "$OUT/decode_tests.txt" | tail -30
     python3 scripts/decode_benchmark.py --cases ${CASES:-llama:1B hydra:1B} --batch 1 16 --slow-tokens "${SLOW:-64}" \
         --json "$OUT/decode.json" 2>&1 | grep -v -i warn | tee "$OUT/decode.txt" ;;
+decode-profile)
+    # where a token's time goes in the recorded (compiled) decode step: CASES at batch 1 and 16
+    for case in ${CASES:-hydra:1B llama:1B}; do
+        for b in ${BATCHES:-1 16}; do
+            python3 scripts/profile_decode.py --case $case --batch $b --json "$OUT/decode_profile_${case/:/_}_b$b.json" \
+                2>&1 | grep -v -i warn | tee -a "$OUT/decode_profile.txt"
+        done
+    done ;;
 waaagh)
     # the seed's four demonstrations; the speed table at the 100M width beside llama
     python3 scripts/waaagh_demo.py --json "$OUT/waaagh_demo.json" 2>&1 | grep -v -i warn | tee "$OUT/waaagh_demo.txt" ;;
