@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ssd_benchmark import time_ms  # noqa: E402
+
 from hydra_titan.kernels.topk_route import topk_route_torch, topk_route_triton  # noqa: E402
 
 DEFAULT_SHAPES = ["16x2048x1536", "16x1536x1024", "16x1024x512", "8x2048x1536", "8x1536x1024", "8x1024x512"]
 
 
 def time_us(fn, scores: torch.Tensor, k: int, reps: int = 20, rounds: int = 200) -> float:
+    """Median µs of one selection: `reps` selections recorded as one CUDA graph, replayed `rounds` times."""
     for _ in range(3):
         fn(scores, k)
     torch.cuda.synchronize()
@@ -31,15 +34,7 @@ def time_us(fn, scores: torch.Tensor, k: int, reps: int = 20, rounds: int = 200)
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn(scores, k)
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return statistics.median(times)
+    return time_ms(graph.replay, iters=rounds) * 1000 / reps
 
 
 def main(argv: list[str] | None = None) -> int:
