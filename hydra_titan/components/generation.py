@@ -112,26 +112,6 @@ def _why(e: Exception) -> str:
     return "its blocks reached dynamo's recompile limit (too many kinds of block or decode shapes)"
 
 
-def _with_no_stats(fn: Callable) -> Callable:
-    """A compiled `_HiddenOnly` block called as run_layers calls a layer: (hidden, no statistics)."""
-    return lambda h, positions, rope, cache: (fn(h, positions, rope, cache), {})
-
-
-class _HiddenOnly(nn.Module):
-    """A block whose routing and expert statistics are dropped inside the compiled graph.
-
-    Decoding reads only the hidden state: returning the statistics from the compiled block would keep
-    inductor computing them (reductions, a few kernels per layer and recursion step) at every token.
-    A module, not a closure, so that the blocks of one structure still share one compiled graph."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, cache) -> torch.Tensor:
-        return self.block(h, positions, rope, cache=cache)[0]
-
-
 class CompiledDecodeStep:
     """`model(tokens [B, 1], cache=cache)["logits"][:, -1]` with every block run through torch.compile.
 
@@ -144,8 +124,7 @@ class CompiledDecodeStep:
     the state tree, the shapes of its tensors) hold from one token to the next once every module's
     state exists, which the prefill ensures. Blocks of one structure share one compiled graph (dynamo
     lifts their parameters as inputs), so a model compiles once per kind of block, not once per layer.
-    The logits are `run_layers`' own: the family's forward only adds losses and routing statistics,
-    which a decode step does not read, so each compiled block returns its hidden state alone.
+    The logits are `run_layers`' own: the family's forward only adds losses and routing statistics.
 
     The first call compiles: inductor's default mode (the CUDA graph is CapturedDecodeStep's, not
     mode="reduce-overhead"'s), `dynamic=False` (a decode step has one shape: each new batch size or
@@ -159,9 +138,8 @@ class CompiledDecodeStep:
         if not isinstance(model, Decoder):
             raise ValueError(f"a compiled decode step compiles a Decoder's blocks, got {type(model).__name__}")
         self.model, self.cache = model, cache
-        compiled = [torch.compile(_HiddenOnly(block), backend=backend, fullgraph=True, dynamic=False)
-                    for block in model.layers.values()]
-        self.blocks = [_with_no_stats(fn) for fn in compiled]
+        self.blocks = [torch.compile(block, backend=backend, fullgraph=True, dynamic=False)
+                       for block in model.layers.values()]
         self.compiled = False  # set by the first call, after which nothing may compile again
 
     @torch.no_grad()
