@@ -33,7 +33,9 @@ __all__ = ["DATA_SOURCES", "FILE_SOURCES", "IndexPermutation", "PackedWindows", 
            "heldout_loader", "load_windows", "split_loader"]
 
 DATA_SOURCES = ("demo", "text", "shards", "hf")
-FILE_SOURCES = ("text", "shards")  # the sources that read `path` (the others name a corpus, not files)
+# the sources that read `path` (the others name a corpus, not files), and what their path may be
+PATH_FORMS = {"text": "a .txt/.jsonl file, a folder or a glob", "shards": "a .bin file, a folder of them, or a glob"}
+FILE_SOURCES = tuple(PATH_FORMS)
 SPLITS = ("train", "val")
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -254,12 +256,10 @@ def _load_shards(
     hf_split: str,
     cache_dir: str | Path | None,
 ) -> list[TokenShard]:
+    if source in FILE_SOURCES and not path:
+        raise ValueError(f"data source {source!r} needs a path ({PATH_FORMS[source]})")
     if source == "shards":
-        if not path:
-            raise ValueError("data source 'shards' needs a path (a .bin file, a folder of them, or a glob)")
         return open_token_shards(path, tokenizer)
-    if source == "text" and not path:
-        raise ValueError("data source 'text' needs a path (a .txt/.jsonl file, a folder or a glob)")
     if source not in DATA_SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {DATA_SOURCES}")
     return [

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hydra_titan.components import datasets
-from hydra_titan.components.dataloader import IndexPermutation, PackedWindows, TokenDataLoader, build_dataloader
+from hydra_titan.components.dataloader import (FILE_SOURCES, IndexPermutation, PackedWindows, TokenDataLoader,
+                                               build_dataloader, load_windows)
 from hydra_titan.components.datasets import TokenShard
 from hydra_titan.components.tokenizer import Tokenizer, build_tokenizer
 
@@ -418,3 +419,10 @@ def test_too_little_data_for_one_global_batch(tmp_path):
 def test_bad_arguments_fail_clearly(corpus, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _text_loader(corpus[0], tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("source", FILE_SOURCES)
+def test_a_file_source_without_a_path_names_the_source_and_its_path_forms(source, kjv):
+    forms = {"text": r"\.txt/\.jsonl file", "shards": r"\.bin file"}[source]
+    with pytest.raises(ValueError, match=rf"data source '{source}' needs a path \(a {forms}"):
+        load_windows(source=source, path="", tokenizer=kjv, seq_len=8)
