@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_benchmark import build  # noqa: E402
-from profile_step import categorise  # noqa: E402
+from profile_step import categorise, device_kernels, time_by_category_and_name  # noqa: E402
 
 from hydra_titan.components.generation import CapturedDecodeStep  # noqa: E402
 
@@ -58,22 +57,18 @@ def main() -> None:
         logits = step.first
         for _ in range(5):
             logits = step(logits.argmax(-1)[:, None])
+        # profile the step alone: feed one fixed token (the greedy argmax would add kernels per token)
+        token = logits.argmax(-1)[:, None]
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(opts.replays):
-                logits = step(logits.argmax(-1)[:, None])
+                step(token)
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - start) * 1e3 / opts.replays
 
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
-    by_cat: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in kernels:
-        for table, key in ((by_cat, categorise(e.name)), (by_name, e.name)):
-            table[key][0] += e.device_time_total
-            table[key][1] += 1
+    kernels = device_kernels(prof.events())
+    by_cat, by_name = time_by_category_and_name(kernels)
     n = opts.replays
     total_ms = sum(v[0] for v in by_cat.values()) / 1e3 / n
     mode = "eager step" if opts.no_compile else "compiled step"

@@ -64,6 +64,27 @@ def categorise(name: str) -> str:
     return "other"
 
 
+def device_kernels(events, on_gpu: bool = True) -> list:
+    """The profiled kernels: device events on a GPU (aten ops on CPU), without user annotations
+    (e.g. "Optimizer.step#AdamW.step"), which also appear on the device timeline."""
+    return [e for e in events
+            if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and (on_gpu or e.name.startswith("aten::"))
+            and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+
+
+def time_by_category_and_name(kernels, on_gpu: bool = True) -> tuple[dict, dict]:
+    """Two tables {category: [µs, count]} and {kernel name: [µs, count]} over `kernels` (device time
+    on a GPU, self CPU time on CPU)."""
+    by_cat: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        us = e.device_time_total if on_gpu else e.self_cpu_time_total
+        for table, key in ((by_cat, categorise(e.name)), (by_name, e.name)):
+            table[key][0] += us
+            table[key][1] += 1
+    return dict(by_cat), dict(by_name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="hydra:1B", help="model:flavor[:key=value,...] as in benchmark.py")
@@ -101,15 +122,10 @@ def main() -> None:
         prof.export_chrome_trace(opts.trace)
 
     on_gpu = torch.cuda.is_available()
-    # user annotations (e.g. "Optimizer.step#AdamW.step") also appear on the device timeline: not kernels
-    kernels = [e for e in prof.events()
-               if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and (on_gpu or e.name.startswith("aten::"))
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
-    by_cat: dict[str, float] = defaultdict(float)
-    by_name: dict[str, float] = defaultdict(float)
-    for e in kernels:
-        by_cat[categorise(e.name)] += e.device_time_total if on_gpu else e.self_cpu_time_total
-        by_name[e.name] += e.device_time_total if on_gpu else e.self_cpu_time_total
+    kernels = device_kernels(prof.events(), on_gpu)
+    by_cat, by_name = time_by_category_and_name(kernels, on_gpu)
+    by_cat = {k: us for k, (us, _) in by_cat.items()}
+    by_name = {k: us for k, (us, _) in by_name.items()}
     total = sum(by_cat.values())
     step_ms = total / 1e3 / opts.steps
     print(f"{opts.case} {' '.join(extra)}: device time per step {step_ms:.1f} ms (sum of kernel times), "

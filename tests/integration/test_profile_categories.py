@@ -31,3 +31,28 @@ def categorise():
 ])
 def test_kernel_names_fall_in_the_right_category(categorise, name, category):
     assert categorise(name) == category
+
+
+def _event(name, device_us, *, cuda=True, annotation=False, cpu_us=0.0):
+    import torch
+    from types import SimpleNamespace
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(name=name, device_type=kind, is_user_annotation=annotation,
+                           device_time_total=device_us, self_cpu_time_total=cpu_us)
+
+
+def test_kernel_tables_sum_device_time_and_count_per_category_and_name():
+    script = load_script("profile_step")
+    events = [_event("nvjet_sm90_tst_256x128", 10.0), _event("nvjet_sm90_tst_256x128", 12.0),
+              _event("triton_poi_fused_mul_3", 2.5),
+              _event("Optimizer.step#AdamW.step", 99.0),                  # annotation: not a kernel
+              _event("ProfilerStep", 50.0, annotation=True),
+              _event("aten::mm", 0.0, cuda=False, cpu_us=7.0)]          # host op: not on the device
+    kernels = script.device_kernels(events)
+    assert [e.name for e in kernels] == ["nvjet_sm90_tst_256x128"] * 2 + ["triton_poi_fused_mul_3"]
+    by_cat, by_name = script.time_by_category_and_name(kernels)
+    assert by_cat == {"gemm": [22.0, 2], "fused elementwise (triton)": [2.5, 1]}
+    assert by_name == {"nvjet_sm90_tst_256x128": [22.0, 2], "triton_poi_fused_mul_3": [2.5, 1]}
+    # on CPU the aten ops are the kernels, timed by self CPU time
+    cpu = script.device_kernels(events, on_gpu=False)
+    assert script.time_by_category_and_name(cpu, on_gpu=False)[0] == {"gemm": [7.0, 1]}
