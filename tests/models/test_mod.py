@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hydra_titan.models.hydra import HydraModel
 from hydra_titan.models.hydra.args import HYDRA_FLAVORS, HydraModelArgs
 from hydra_titan.models.common.mod import MoDRouter
-from hydra_titan.models.common.routing import static_capacity, threshold_indices
+from hydra_titan.models.common.routing import static_capacity, threshold_indices, threshold_select
 
 
 class RecordingInner:
@@ -110,6 +110,30 @@ def test_threshold_indices_pad_to_largest_count():
     assert idx[0].tolist() == [0, 2, 3] and valid[0].tolist() == [True, True, True]
     assert idx[1, 0].item() == 2 and valid[1].tolist() == [True, False, False]
     assert valid[2].tolist() == [False, False, False]
+
+
+def test_threshold_select_masks_one_token_and_selects_several():
+    one = torch.tensor([[True], [False]])
+    idx, valid = threshold_select(one)
+    assert idx is None and torch.equal(valid, one)        # one token: nothing gathered, its mask kept
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    idx, valid = threshold_select(mask)
+    ref_idx, ref_valid = threshold_indices(mask)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+
+
+def test_threshold_mode_masks_a_one_token_step_instead_of_gathering():
+    torch.manual_seed(0)
+    router = make_router(0.5).eval()
+    inner = RecordingInner()
+    x = torch.randn(8, 1, 8)
+    pos = torch.full((8, 1), 7)
+    out, _ = router(x, pos, inner)
+    keep = router.router(x).squeeze(-1) > 0
+    assert 0 < keep.sum() < 8                             # rows that run the block and rows that skip it
+    assert inner.calls[0][0].shape == (8, 1, 8) and torch.equal(inner.calls[0][2], keep)
+    w = torch.sigmoid(router.router(x)) * keep.unsqueeze(-1)
+    torch.testing.assert_close(out, x + w * (2 * x + pos.unsqueeze(-1)))
 
 
 def test_soft_mode_processes_every_token_and_weights_by_sigmoid():

@@ -24,7 +24,7 @@ from torch import nn
 
 from ...kernels.topk_route import get_topk_route
 from .init import trunc_normal_
-from .routing import router_logits, scatter_add_tokens, static_capacity, take_tokens, threshold_indices
+from .routing import router_logits, scatter_add_tokens, static_capacity, take_tokens, threshold_select
 
 # inner(x_sel, positions_sel, valid) -> (residual update, stats of the inner block)
 InnerFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
@@ -59,8 +59,7 @@ class MoDRouter(nn.Module):
             valid = None
         else:  # threshold: sigmoid(r) > 0.5, causal
             keep = logits > 0 if token_valid is None else (logits > 0) & token_valid
-            # a decode step's one token runs the block or not: no selection to gather, `valid` masks it
-            idx, valid = (None, keep) if x.shape[1] == 1 else threshold_indices(keep)
+            idx, valid = threshold_select(keep)
 
         delta, stats = inner(take_tokens(x, idx), take_tokens(positions, idx), valid)
         weight = torch.sigmoid(take_tokens(logits, idx))

@@ -35,7 +35,7 @@ def threshold_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (idx [B, K], valid [B, K]) with K = the largest count in the batch
     (at least 1, so blocks never see an empty sequence). Padding entries point
     at unselected positions and are marked invalid. Eval-only: reads K on the host (a decode step's
-    one token needs no selection: MoD and MoR mask it instead, with no host sync).
+    one token needs no selection: see `threshold_select`).
     """
     counts = mask.sum(dim=-1)
     k = max(1, int(counts.max()))
@@ -43,6 +43,13 @@ def threshold_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :k]
     valid = torch.arange(k, device=mask.device) < counts[:, None]
     return idx, valid
+
+
+def threshold_select(keep: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Threshold routing's selection of a bool mask [B, N]: (idx, valid) as `threshold_indices`, or
+    (None, keep) for one token (N = 1, a decode step): that token runs or not, so nothing is gathered,
+    `keep` masks its update, and no count is read on the host (the step can be captured)."""
+    return (None, keep) if keep.shape[1] == 1 else threshold_indices(keep)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

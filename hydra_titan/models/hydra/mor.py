@@ -27,7 +27,7 @@ from ..common.cache import CacheView, child_view
 from ..common.init import trunc_normal_
 from ..common.moe import merge_moe_stats
 from ..common.routing import (gather_tokens, kept_counts, router_logits, scatter_add_tokens, static_capacity,
-                              take_tokens, threshold_indices)
+                              take_tokens, threshold_select)
 from .args import HydraModelArgs
 from .ccgqa import CCGQABlock
 
@@ -136,10 +136,10 @@ class MoRBlock(nn.Module):
         keep = act_logits > 0
         if active_valid is not None:
             keep = keep & active_valid
-        if n_active == 1:  # a decode step's one token continues or not: nothing to gather, `keep` masks it
-            return active, keep, None
-        sel, sel_valid = threshold_indices(keep)
-        return (sel if active is None else gather_tokens(active, sel)), sel_valid, None
+        sel, sel_valid = threshold_select(keep)  # sel None: the one token of a decode step, masked by keep
+        if sel is not None and active is not None:
+            sel = gather_tokens(active, sel)
+        return (active if sel is None else sel), sel_valid, None
 
     def _static_depth_histogram(self, n_tokens: int, device: torch.device) -> torch.Tensor:
         """Top-k routing keeps k_r = ceil(cap_r * N) tokens at step r: the depth histogram is known."""
