@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed.cuda_graph import run_on_side_stream
 from ..models.common.decoder import Decoder
 
 
@@ -182,10 +183,7 @@ class CapturedDecodeStep:
         step = (CompiledDecodeStep(model, cache) if compile
                 else lambda t: model(t, cache=cache)["logits"][:, -1])
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.first = step(self.tokens)      # a real step: it advances the cache (and compiles)
-        torch.cuda.current_stream().wait_stream(stream)
+        self.first = run_on_side_stream(stream, step, self.tokens)  # a real step: it advances the cache (and compiles)
         self.graph = torch.cuda.CUDAGraph()
         appended = cache.appended
         try:

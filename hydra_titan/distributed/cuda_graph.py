@@ -34,6 +34,19 @@ class CaptureError(RuntimeError):
     """The micro-step could not be recorded (a host sync or data-dependent shape inside it)."""
 
 
+def run_on_side_stream(stream: torch.cuda.Stream, fn: Callable, *args):
+    """`fn(*args)` on `stream`, ordered after the current stream's work and before its next.
+
+    The eager warm-up a CUDA-graph capture needs: torch.compile compiles there and the caching
+    allocator settles its blocks away from the capturing stream (shared by the training and the
+    decode captures)."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
 class CapturedMicroStep:
     """`fn(*tensors) -> (parts, stats)` recorded as a CUDA graph after `warmup_steps` eager calls.
 
@@ -69,11 +82,7 @@ class CapturedMicroStep:
             self.stream = torch.cuda.Stream(device=args[0].device)
         if self.warmup_left > 0:
             self.warmup_left -= 1
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                outputs = self.fn(*args)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            return outputs
+            return run_on_side_stream(self.stream, self.fn, *args)
         if self.graph is None:
             self._capture(args)
         else:
