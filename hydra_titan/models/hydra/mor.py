@@ -136,10 +136,10 @@ class MoRBlock(nn.Module):
         keep = act_logits > 0
         if active_valid is not None:
             keep = keep & active_valid
-        sel, sel_valid = threshold_select(keep)  # sel None: the one token of a decode step, masked by keep
-        if sel is not None and active is not None:
-            sel = gather_tokens(active, sel)
-        return (active if sel is None else sel), sel_valid, None
+        sel, sel_valid = threshold_select(keep)
+        if sel is None:  # the one token of a decode step: it stays, masked by keep
+            return active, sel_valid, None
+        return (sel if active is None else gather_tokens(active, sel)), sel_valid, None
 
     def _static_depth_histogram(self, n_tokens: int, device: torch.device) -> torch.Tensor:
         """Top-k routing keeps k_r = ceil(cap_r * N) tokens at step r: the depth histogram is known."""
